@@ -1,0 +1,55 @@
+"""The one record every ldmkit data set yields.
+
+A :class:`Sample` carries an image and whatever ground truth its source knows. Conditioners read the
+field named by their config's ``key`` (``label``, ``caption``, ``boxes``, ``segmentation``, ``lowres``,
+``mask``), so one data set can feed any combination of conditioners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Box", "Sample", "CONDITION_KEYS"]
+
+#: The ground-truth fields a Sample may carry, i.e. the batch keys conditioners read.
+CONDITION_KEYS = ("label", "caption", "boxes", "segmentation", "lowres", "mask")
+
+
+@dataclass(frozen=True)
+class Box:
+    """One labelled box; ``bbox`` is (x0, y0, x1, y1) normalized to 0..1, x to the right, y down."""
+
+    label: str
+    bbox: tuple[float, float, float, float]
+
+
+@dataclass
+class Sample:
+    """An image (``H x W x 3`` uint8 RGB) and its optional ground truth.
+
+    - ``label``: an integer class id (meaning documented by the data set);
+    - ``caption``: a string;
+    - ``boxes``: a list of :class:`Box`;
+    - ``segmentation``: ``H x W`` integer class ids;
+    - ``lowres``: a smaller ``h x w x 3`` uint8 copy of the image;
+    - ``mask``: ``H x W`` bool, True where the image is unknown (to be inpainted);
+    - ``meta``: free-form, JSON-serializable facts (seed, index, source, structured caption, ...).
+    """
+
+    image: np.ndarray
+    label: int | None = None
+    caption: str | None = None
+    boxes: list[Box] | None = None
+    segmentation: np.ndarray | None = None
+    lowres: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        """The ground truth stored under ``key`` (one of :data:`CONDITION_KEYS` or ``image``)."""
+        if key != "image" and key not in CONDITION_KEYS:
+            raise KeyError(f"no field {key!r} in a Sample; allowed: image, {', '.join(CONDITION_KEYS)}")
+        return getattr(self, key)

@@ -1,0 +1,195 @@
+"""Finding and loading plugins: the pluggy manager, entry points, and a record per plugin.
+
+Nothing is loaded at import time. :func:`get_plugin_manager` builds the manager on first use: it reads
+the ``ldmkit`` entry-point group and loads each entry point on its own, so that a plugin which fails
+to import, or whose hook violates the spec, is recorded as ``failed`` with its error while the others
+keep working. Environment variables:
+
+- ``LDMKIT_DISABLE_PLUGINS=a,b``: do not load these plugins (by entry-point or distribution name);
+  they are listed as ``blocked``;
+- ``LDMKIT_STRICT_PLUGINS=1``: a failing plugin raises :class:`PluginError` instead of being recorded.
+
+Tests use :func:`reset` to rebuild the manager, and may pass plugin objects to
+:func:`get_plugin_manager` via ``extra`` to register modules that are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import pluggy
+
+from ldmkit import hookspecs
+from ldmkit.types import normalize_name
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "FIRST_PARTY_DISTRIBUTIONS",
+    "PluginError",
+    "PluginRecord",
+    "PluginManager",
+    "get_plugin_manager",
+    "reset",
+    "strict_mode",
+    "disabled_names",
+]
+
+ENTRY_POINT_GROUP = "ldmkit"
+
+#: The distributions that live under ``plugins/`` in this repository. Schemas are generated from
+#: these only, so that what a user happens to have installed never changes the committed schemas.
+FIRST_PARTY_DISTRIBUTIONS = (
+    "ldmkit-class",
+    "ldmkit-text",
+    "ldmkit-layout",
+    "ldmkit-semantic",
+    "ldmkit-lowres",
+    "ldmkit-inpaint",
+    "ldmkit-plugin-template",
+)
+
+Status = Literal["active", "blocked", "failed"]
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or violates the hook spec (raised in strict mode)."""
+
+
+@dataclass
+class PluginRecord:
+    """What ``ldmkit plugins`` lists for one plugin."""
+
+    name: str
+    version: str | None
+    status: Status
+    distribution: str | None = None
+    conditioners: list[str] = field(default_factory=list)
+    error: str | None = None
+    plugin: Any = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "status": self.status,
+            "distribution": self.distribution,
+            "conditioners": list(self.conditioners),
+            "error": self.error,
+        }
+
+
+def strict_mode() -> bool:
+    """True when ``LDMKIT_STRICT_PLUGINS`` is set to a true value."""
+    return os.environ.get("LDMKIT_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def disabled_names() -> set[str]:
+    """Normalized plugin names listed in ``LDMKIT_DISABLE_PLUGINS`` (comma separated)."""
+    raw = os.environ.get("LDMKIT_DISABLE_PLUGINS", "")
+    return {normalize_name(part) for part in raw.split(",") if part.strip()}
+
+
+class PluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers a :class:`PluginRecord` for every plugin it saw."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+
+    def add_plugin(self, plugin: Any, name: str, *, version: str | None = None, distribution: str | None = None) -> PluginRecord:
+        """Register one plugin object, recording failure (or raising in strict mode)."""
+        name = normalize_name(name)
+        if name in disabled_names() or (distribution and normalize_name(distribution) in disabled_names()):
+            record = PluginRecord(name, version, "blocked", distribution)
+            self.records[name] = record
+            return record
+        try:
+            self.register(plugin, name=name)
+            record = PluginRecord(name, version, "active", distribution, plugin=plugin)
+        except Exception as exc:  # pluggy validation errors, duplicate registration, ...
+            record = self._fail(name, version, distribution, exc)
+        self.records[name] = record
+        return record
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP, only_distributions: Iterable[str] | None = None) -> None:
+        """Load each entry point of ``group`` on its own; failures are recorded, not fatal."""
+        only = {normalize_name(d) for d in only_distributions} if only_distributions is not None else None
+        for ep in sorted(md.entry_points(group=group), key=lambda e: e.name):
+            dist = ep.dist.metadata["Name"] if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            if only is not None and (dist is None or normalize_name(dist) not in only):
+                continue
+            name = normalize_name(ep.name)
+            if name in self.records:
+                self.records[name] = self._fail(
+                    name, version, dist,
+                    PluginError(f"two installed plugins use the entry-point name {name!r} "
+                                f"({self.records[name].distribution} and {dist})"),
+                )
+                continue
+            if name in disabled_names() or (dist and normalize_name(dist) in disabled_names()):
+                self.records[name] = PluginRecord(name, version, "blocked", dist)
+                continue
+            try:
+                plugin = ep.load()
+            except BaseException as exc:  # a plugin's import may even call sys.exit
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.records[name] = self._fail(name, version, dist, exc)
+                continue
+            self.add_plugin(plugin, name, version=version, distribution=dist)
+
+    def mark_failed(self, name: str, exc: BaseException) -> None:
+        """Record that an active plugin violated the hook spec and unregister it."""
+        record = self.records[name]
+        if record.plugin is not None and self.is_registered(record.plugin):
+            self.unregister(record.plugin)
+        self.records[name] = self._fail(name, record.version, record.distribution, exc)
+
+    def _fail(self, name: str, version: str | None, dist: str | None, exc: BaseException) -> PluginRecord:
+        if strict_mode():
+            raise PluginError(f"plugin {name!r} ({dist or 'not installed'}) failed: {_describe(exc)}") from exc
+        return PluginRecord(name, version, "failed", dist, error=_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager(*, extra: Iterable[tuple[str, Any]] = (), first_party_only: bool = False) -> PluginManager:
+    """The process-wide plugin manager, built (and entry points loaded) on first call.
+
+    ``extra`` registers additional ``(name, plugin)`` pairs (tests); ``first_party_only`` builds a
+    separate manager with only this repository's plugins (for schema generation) and does not cache it.
+    """
+    global _MANAGER
+    if first_party_only:
+        pm = PluginManager()
+        pm.load_entry_points(only_distributions=FIRST_PARTY_DISTRIBUTIONS)
+        return pm
+    if _MANAGER is None:
+        pm = PluginManager()
+        pm.load_entry_points()
+        _MANAGER = pm
+    for name, plugin in extra:
+        _MANAGER.add_plugin(plugin, name)
+    return _MANAGER
+
+
+def reset() -> None:
+    """Forget the plugin manager (and the registry built from it); the next use rebuilds both."""
+    global _MANAGER
+    _MANAGER = None
+    from ldmkit import registry
+
+    registry._reset_cache()

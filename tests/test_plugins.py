@@ -1,0 +1,191 @@
+"""Plugin loading and the registry: validation, isolation of broken plugins, conflicts, env vars."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.dists import BAD_SPEC, BROKEN_AT_IMPORT, DUPLICATE_CLASS, make_dist
+from ldmkit import ConditionerSpec, Route, hookimpl
+from ldmkit.registry import ConditionerConflictError, Registry, UnknownConditionerError
+from toys import LEVEL, WORDS, Level, LevelConfig, ToyPlugin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def registry_with(fresh_plugins, *plugins):
+    pm = fresh_plugins.PluginManager()
+    for name, obj in plugins:
+        pm.add_plugin(obj, name)
+    return pm, Registry(pm)
+
+
+def test_specs_are_collected_and_attributed(fresh_plugins):
+    pm, reg = registry_with(fresh_plugins, ("toys", ToyPlugin()))
+    assert reg.names() == ["level", "map", "words"]
+    assert reg.providers["words"] == "toys"
+    assert pm.records["toys"].conditioners == ["words", "map", "level"]
+
+
+def test_names_are_normalized():
+    spec = ConditionerSpec(" Low-Res ", LevelConfig, Level, "vector")
+    assert spec.name == "low_res" and spec.route is Route.VECTOR
+
+
+def test_duplicate_names_across_plugins_name_both_providers(fresh_plugins):
+    with pytest.raises(ConditionerConflictError, match=r"'words' is provided by 'alpha' and 'beta'"):
+        registry_with(fresh_plugins, ("alpha", ToyPlugin([WORDS])), ("beta", ToyPlugin([WORDS, LEVEL])))
+
+
+class Raises:
+    @hookimpl
+    def ldmkit_conditioners(self):
+        raise RuntimeError("boom")
+
+
+class ReturnsJunk:
+    @hookimpl
+    def ldmkit_conditioners(self):
+        return [WORDS, 42]
+
+
+class BadLiteral:
+    @hookimpl
+    def ldmkit_conditioners(self):
+        return [ConditionerSpec("other_name", LevelConfig, Level, Route.VECTOR)]
+
+
+class BadName:
+    @hookimpl
+    def ldmkit_conditioners(self):
+        return [ConditionerSpec("9lives", LevelConfig, Level, Route.VECTOR)]
+
+
+class WrongRoute:
+    @hookimpl
+    def ldmkit_conditioners(self):
+        return [ConditionerSpec("level", LevelConfig, Level, Route.TOKENS)]
+
+
+class BadHookSignature:
+    @hookimpl
+    def ldmkit_conditioners(self, unexpected_argument):
+        return []
+
+
+@pytest.mark.parametrize(
+    "plugin, message",
+    [
+        (Raises(), "RuntimeError: boom"),
+        (ReturnsJunk(), "ConditionerSpec objects, got int"),
+        (BadLiteral(), "Literal['other_name']"),
+        (BadName(), "'9lives' is invalid"),
+        (WrongRoute(), "declares route tokens"),
+        (BadHookSignature(), "unexpected_argument"),
+    ],
+    ids=["raises", "junk", "literal", "name", "route", "signature"],
+)
+def test_spec_violations_mark_only_that_plugin_failed(fresh_plugins, plugin, message):
+    pm, reg = registry_with(fresh_plugins, ("good", ToyPlugin([WORDS])), ("bad", plugin))
+    assert pm.records["bad"].status == "failed"
+    assert message in pm.records["bad"].error
+    assert pm.records["good"].status == "active" and reg.names() == ["words"]
+
+
+def test_strict_mode_raises(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(fresh_plugins.PluginError, match="boom"):
+        registry_with(fresh_plugins, ("bad", Raises()))
+
+
+def test_disabled_plugins_are_blocked(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_DISABLE_PLUGINS", "Toys, other")
+    pm, reg = registry_with(fresh_plugins, ("toys", ToyPlugin()))
+    assert pm.records["toys"].status == "blocked" and reg.names() == []
+
+
+def test_unknown_conditioner_lists_installed(fresh_plugins):
+    _, reg = registry_with(fresh_plugins, ("toys", ToyPlugin()))
+    with pytest.raises(UnknownConditionerError, match=r"no conditioner 'text'; installed: level, map, words"):
+        reg.get("text")
+
+
+def test_manager_is_built_on_demand_and_resettable(fresh_plugins):
+    code = "import ldmkit, ldmkit.plugins as p, ldmkit.registry as r; print(p._MANAGER is None, r._REGISTRY is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+    first = fresh_plugins.get_plugin_manager()
+    assert fresh_plugins.get_plugin_manager() is first
+    fresh_plugins.reset()
+    assert fresh_plugins.get_plugin_manager() is not first
+
+
+def _ldmkit(args, extra_path=None, **env):
+    full_env = {**os.environ, **env}
+    for k in ("LDMKIT_DISABLE_PLUGINS", "LDMKIT_STRICT_PLUGINS"):
+        if k not in env:
+            full_env.pop(k, None)
+    if extra_path:
+        full_env["PYTHONPATH"] = os.pathsep.join([str(extra_path), full_env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "ldmkit.cli", *args], capture_output=True, text=True, env=full_env)
+
+
+def _by_name(stdout):
+    data = json.loads(stdout)
+    assert isinstance(data, list)
+    for row in data:
+        assert set(row) >= {"name", "version", "status", "conditioners", "error"}
+        assert row["status"] in {"active", "blocked", "failed"}
+    return {row["name"]: row for row in data}
+
+
+def test_template_is_discovered_through_its_entry_point():
+    res = _ldmkit(["plugins", "--json"])
+    assert res.returncode == 0, res.stderr
+    rows = _by_name(res.stdout)
+    assert rows["template"]["status"] == "active"
+    assert rows["template"]["conditioners"] == ["scalar"] and rows["template"]["error"] is None
+    assert rows["template"]["version"] == "0.1.0"
+
+
+def test_disable_env_blocks_the_template():
+    rows = _by_name(_ldmkit(["plugins", "--json"], LDMKIT_DISABLE_PLUGINS="template").stdout)
+    assert rows["template"]["status"] == "blocked" and rows["template"]["conditioners"] == []
+
+
+def test_broken_plugin_is_listed_failed_and_others_work(tmp_path):
+    path = make_dist(tmp_path, "ldmkit-broken", "broken", "ldmkit_broken_fixture", BROKEN_AT_IMPORT)
+    res = _ldmkit(["plugins", "--json"], extra_path=path)
+    assert res.returncode == 0, res.stderr
+    rows = _by_name(res.stdout)
+    assert rows["broken"]["status"] == "failed"
+    assert "unobtainium" in rows["broken"]["error"]
+    assert rows["template"]["status"] == "active"
+    # ...and the template still builds and runs in that environment
+    code = "from ldmkit import get_registry; r = get_registry(); print(r.build({'type': 'scalar'}).encode([0.5]).value.shape)"
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "torch.Size([1, 64])" in out.stdout, out.stderr
+
+
+def test_strict_mode_makes_the_command_fail(tmp_path):
+    path = make_dist(tmp_path, "ldmkit-broken", "broken", "ldmkit_broken_fixture", BROKEN_AT_IMPORT)
+    res = _ldmkit(["plugins", "--json"], extra_path=path, LDMKIT_STRICT_PLUGINS="1")
+    assert res.returncode != 0
+    assert "unobtainium" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_spec_violation_through_entry_point_is_failed(tmp_path):
+    path = make_dist(tmp_path, "ldmkit-badspec", "badspec", "ldmkit_badspec_fixture", BAD_SPEC)
+    rows = _by_name(_ldmkit(["plugins", "--json"], extra_path=path).stdout)
+    assert rows["badspec"]["status"] == "failed" and "ConditionerSpec" in rows["badspec"]["error"]
+
+
+def test_conflicting_installed_plugins_name_both(tmp_path):
+    path = make_dist(tmp_path, "ldmkit-dupe", "dupe", "ldmkit_dupe_fixture", DUPLICATE_CLASS)
+    res = _ldmkit(["plugins"], extra_path=path)
+    assert res.returncode == 1
+    assert "'class' is provided by 'class' and 'dupe'" in res.stderr
