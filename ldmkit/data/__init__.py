@@ -1,0 +1,97 @@
+"""Data sets: the synthetic shapes world, real data shipped by packages, and your own files.
+
+``load_dataset(name, split=..., size=..., seed=...)`` is the one entry point; every data set is a
+``Sequence`` of :class:`~ldmkit.data.base.Sample`. Submodules are imported only when their data set is
+used, so a missing optional package (scikit-learn, scikit-image) or font only matters then.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ldmkit.data.base import CONDITION_KEYS, Box, Sample
+
+__all__ = ["Box", "Sample", "CONDITION_KEYS", "DATASETS", "load_dataset"]
+
+#: The built-in data sets and what they are (``folder:PATH`` and ``manifest:PATH`` / ``*.jsonl`` too).
+DATASETS: dict[str, str] = {
+    "shapes": "synthetic scenes of coloured shapes with every modality's ground truth",
+    "emoji": "Noto Color Emoji renders captioned with their Unicode names (fonts-noto-color-emoji)",
+    "digits": "scikit-learn's 8x8 handwritten digits, upscaled (scikit-learn)",
+    "photos": "crops of the photographs shipped by scikit-image and scikit-learn",
+}
+_OWN_DATA_SPLITS = ("train", "all")
+
+
+def _shapes(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
+    from ldmkit.data.shapes import ShapesWorld
+
+    return ShapesWorld(split=split, size=size, seed=seed, **kw)
+
+
+def _emoji(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
+    from ldmkit.data.emoji import EmojiDataset
+
+    return EmojiDataset(split=split, size=size, **kw)  # deterministic: no seed
+
+
+def _digits(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
+    from ldmkit.data.digits import DigitsDataset
+
+    return DigitsDataset(split=split, size=size, **kw)  # deterministic: no seed
+
+
+def _photos(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
+    from ldmkit.data.photos import PhotosDataset
+
+    return PhotosDataset(split=split, size=size, seed=seed, **kw)
+
+
+_BUILDERS: dict[str, Callable[..., Sequence[Sample]]] = {
+    "shapes": _shapes,
+    "emoji": _emoji,
+    "digits": _digits,
+    "photos": _photos,
+}
+
+
+def load_dataset(
+    name: str | os.PathLike[str], *, split: str = "train", size: int | None = 32, seed: int = 0, **kw: Any
+) -> Sequence[Sample]:
+    """Open a data set by name.
+
+    Args:
+        name: one of :data:`DATASETS`, ``folder:PATH`` (a folder of images), ``manifest:PATH`` or a path
+            ending in ``.jsonl`` (a JSONL manifest, see :mod:`ldmkit.data.manifest`).
+        split: the data set's split (``train``/``eval`` everywhere; ``all`` for emoji and digits; the
+            shapes world adds ``train-text`` and ``eval-heldout``). Your own data has a single split:
+            ``train`` or ``all`` (both mean every image); keep evaluation images in a separate manifest.
+        size: image side in pixels (``None`` keeps your own images' sizes; built-in sets need an int).
+        seed: seeds random data sets (shapes, photos); deterministic ones ignore it.
+        **kw: passed on to the data set (``n=`` for photos, ``length=`` for shapes, ``font_path=`` for
+            emoji, ``skip_invalid=``/``fit=`` for a manifest, ``fit=``/``recursive=`` for a folder).
+    """
+    text = os.fspath(name)
+    kind, _, rest = text.partition(":")
+    if kind in ("folder", "manifest") and rest:
+        path = rest
+    elif text.endswith(".jsonl"):
+        kind, path = "manifest", text
+    elif text in _BUILDERS:
+        return _BUILDERS[text](split, size, seed, **kw)
+    else:
+        allowed = ", ".join([*DATASETS, "folder:PATH", "manifest:PATH", "PATH.jsonl"])
+        raise ValueError(f"unknown data set {text!r}; allowed: {allowed}")
+    if split not in _OWN_DATA_SPLITS:
+        raise ValueError(
+            f"split must be one of {', '.join(_OWN_DATA_SPLITS)} for your own data (a folder or manifest "
+            f"is one split; use a separate one for evaluation); got {split!r}"
+        )
+    from ldmkit.data.manifest import FolderDataset, ManifestDataset
+
+    if kind == "folder":
+        return FolderDataset(Path(path), size=size, **kw)
+    return ManifestDataset(Path(path), size=size, **kw)
