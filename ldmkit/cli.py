@@ -126,6 +126,108 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 _QUICKSTART_STEPS: list[Callable[[argparse.Namespace], int | None]] = []
 
 
+# -- data -------------------------------------------------------------------------------------
+def _open_dataset(args: argparse.Namespace):
+    from ldmkit.data import load_dataset
+
+    kw = {"skip_invalid": True} if getattr(args, "skip_invalid", False) else {}
+    data = load_dataset(args.name, split=args.split, size=args.size, seed=args.seed, **kw)
+    skipped = getattr(data, "skipped", 0)
+    if skipped:
+        print(f"skipped {skipped} invalid manifest line(s)", file=sys.stderr)
+    return data
+
+
+def _take(data, n: int) -> list:
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    return [data[i] for i in range(min(n, len(data)))]
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from ldmkit.data import DATASETS
+
+    for name, what in DATASETS.items():
+        print(f"{name:<8} {what}")
+    print("folder:PATH  a folder of images;  manifest:PATH or PATH.jsonl  a JSONL manifest (docs/data.md)")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from ldmkit.data.preview import preview_grid
+
+    samples = _take(_open_dataset(args), args.n)
+    grid = preview_grid(samples, cols=args.cols, scale=args.scale)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({len(samples)} samples, {grid.width}x{grid.height})")
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from ldmkit.data.preview import export
+
+    samples = _take(_open_dataset(args), args.n)
+    manifest = export(samples, args.out, overwrite=args.overwrite)
+    print(f"wrote {len(samples)} samples and {manifest}")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="shapes, emoji, digits, photos, folder:PATH, manifest:PATH or PATH.jsonl")
+    p.add_argument("--split", default="train", help="train (default), eval, ...; see docs/data.md")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid manifest lines (and count them)")
+
+
+# -- eval -------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ldmkit.evaluate import SUITES, run_suite
+
+    if args.suite not in SUITES:
+        raise ValueError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
+    if args.reference and args.shuffled:
+        raise ValueError("--reference and --shuffled exclude each other")
+    if args.model is None and not (args.reference or args.shuffled):
+        raise ValueError("give a MODEL to evaluate, or --reference (the ceiling) / --shuffled (the floor)")
+    if args.model is not None and (args.reference or args.shuffled):
+        raise ValueError("--reference and --shuffled score ground truth; do not give a MODEL with them")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    generate = None
+    mode = "reference" if args.reference else "shuffled" if args.shuffled else "model"
+    if args.model is not None:
+        generate = _model_generator(args)
+    metrics = run_suite(args.suite, n=args.n, seed=args.seed, mode=mode, generate=generate, size=args.size,
+                        progress=not args.json)
+    result = {"suite": args.suite, "model": args.model, "n": args.n, "metrics": metrics}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"suite {args.suite}  model {args.model or mode}  n={args.n}")
+        for k, v in metrics.items():
+            print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+    return 0
+
+
+def _model_generator(args: argparse.Namespace):
+    """The function that turns conditions into images for a model reference (grown by later stages)."""
+    for make in _MODEL_GENERATORS:
+        generate = make(args)
+        if generate is not None:
+            return generate
+    raise ValueError(
+        f"cannot evaluate {args.model!r} on {args.suite}: no model loader in this build accepts it "
+        "(use --reference or --shuffled)"
+    )
+
+
+#: Later stages register ``(args) -> generate | None`` functions here (autoencoders, diffusion models).
+_MODEL_GENERATORS: list[Callable[[argparse.Namespace], Any]] = []
+
+
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -152,6 +254,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help=f"model config to wire (default: {DEFAULT_DEMO_CONFIG})")
     p.add_argument("--out", default="out/quickstart", help="where to write outputs (default: out/quickstart)")
     p.set_defaults(func=cmd_quickstart)
+
+    data = sub.add_parser("data", help="data sets: list, preview, export").add_subparsers(dest="data_command", metavar="ACTION")
+    p = data.add_parser("list", help="the built-in data sets")
+    p.set_defaults(func=cmd_data_list)
+    p = data.add_parser("preview", help="a labelled grid of samples with their conditions drawn on")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--cols", type=int, default=8)
+    p.add_argument("--scale", type=int, default=4, help="pixel upscaling (default 4)")
+    p.set_defaults(func=cmd_data_preview)
+    p = data.add_parser("export", help="write images, masks, maps and a manifest.jsonl that loads back")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty directory")
+    p.set_defaults(func=cmd_data_export)
+
+    p = sub.add_parser("eval", help="score a model (or the ground truth) with a metric suite; JSON on stdout")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint path or zoo:NAME")
+    p.add_argument("--suite", required=True, help="shapes-class, shapes-caption, shapes-layout, shapes-semantic, "
+                   "shapes-sr, shapes-inpaint, shapes-uncond, recon-shapes, recon-photos")
+    p.add_argument("--n", type=int, default=200, help="number of held-out conditions (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help="image size (default 32)")
+    p.add_argument("--reference", action="store_true", help="score the ground-truth images (the ceiling)")
+    p.add_argument("--shuffled", action="store_true", help="score each condition against another scene's image (the floor)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

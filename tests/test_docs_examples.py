@@ -1,0 +1,30 @@
+"""The example plugins in the hook spec's docstring and in docs/writing-a-plugin.md really work."""
+
+import re
+import textwrap
+from pathlib import Path
+
+import ldmkit.hookspecs
+from ldmkit.testing import check_conditioner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_example(code: str):
+    namespace: dict = {}
+    exec(compile(code, "<example>", "exec"), namespace)
+    spec = namespace["SPEC"] if "SPEC" in namespace else namespace["ldmkit_conditioners"]()[0]
+    return check_conditioner(spec, invalid_inputs=[-0.5, 2.0, "dark", None])
+
+
+def test_hookspec_docstring_example_passes_the_kit():
+    doc = ldmkit.hookspecs.ldmkit_conditioners.__doc__
+    code = textwrap.dedent(doc.split("vector::", 1)[1])
+    assert len(_run_example(code)) == 10
+
+
+def test_writing_a_plugin_example_passes_the_kit():
+    text = (REPO / "docs/writing-a-plugin.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    code = next(b for b in blocks if "class BrightnessConfig" in b)
+    assert len(_run_example(code)) == 10
