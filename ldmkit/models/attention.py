@@ -1,0 +1,113 @@
+"""Attention blocks of the UNet: the SpatialTransformer (self-attention, cross-attention, GEGLU).
+
+As in the LDM paper (§3.3, App. F): a feature map is flattened to tokens, goes through transformer
+blocks — self-attention, cross-attention to the conditioning context, a GEGLU feed-forward (Shazeer
+2020), each pre-normalized and residual — and is reshaped back. Every attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where the device has them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm"]
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the most groups (≤ ``max_groups``) that divide ``channels`` into groups of ≥ 2.
+
+    One channel per group would normalize away any per-channel shift — including the timestep
+    embedding a ResBlock adds just before its second norm — so groups hold at least two channels.
+    """
+    groups = max((g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2), default=1)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``context=None`` makes it self-attention.
+
+    ``mask`` is a ``(B, M)`` key-padding mask, True where a key is real. A row with no real key
+    attends to every key (their values are the conditioner's padding), which avoids NaNs.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads {heads}")
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        source = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.to_k(source), "b m (h d) -> b h m d", h=self.heads)
+        v = rearrange(self.to_v(source), "b m (h d) -> b h m d", h=self.heads)
+        attn_mask = None
+        if mask is not None:
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            attn_mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward: ``W2 (GELU(x W_g) * (x W_v))`` with a 4x inner width."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.proj = nn.Linear(dim, inner * 2)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, then cross-attention to the context (if the model has one), then GEGLU."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.cross = context_dim is not None
+        if self.cross:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.cross:
+            if context is None:
+                raise ValueError("this UNet was built with a context (tokens route) but got context=None")
+            x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """(B, C, H, W) → tokens → ``depth`` transformer blocks → (B, C, H, W), residual, zero-initialized out."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None, depth: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, dropout) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _, _, h, w = x.shape
+        tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        for block in self.blocks:
+            tokens = block(tokens, context, mask)
+        return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
