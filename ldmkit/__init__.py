@@ -34,6 +34,7 @@ _EXPORTS = {
     "LatentDiffusionConfig": "ldmkit.config",
     "ConfigError": "ldmkit.config",
     "build_stack": "ldmkit.wiring",
+    "load": "ldmkit.api",
     "describe_wiring": "ldmkit.wiring",
 }
 

@@ -202,6 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         generate = _model_generator(args)
     metrics = run_suite(args.suite, n=args.n, seed=args.seed, mode=mode, generate=generate, size=args.size,
                         progress=not args.json)
+    if generate is not None and hasattr(generate, "extra_metrics"):
+        metrics.update(generate.extra_metrics())
     result = {"suite": args.suite, "model": args.model, "n": args.n, "metrics": metrics}
     if args.json:
         print(json.dumps(result))
@@ -213,19 +215,158 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _model_generator(args: argparse.Namespace):
-    """The function that turns conditions into images for a model reference (grown by later stages)."""
-    for make in _MODEL_GENERATORS:
-        generate = make(args)
-        if generate is not None:
-            return generate
-    raise ValueError(
-        f"cannot evaluate {args.model!r} on {args.suite}: no model loader in this build accepts it "
-        "(use --reference or --shuffled)"
-    )
+    """The function that turns held-out conditions into images for ``args.model``."""
+    from ldmkit.api import diffusion_generator, load, model_kind, recon_generator
+
+    kind = model_kind(args.model)
+    recon = args.suite.startswith("recon-")
+    if kind == "autoencoder" and not recon:
+        raise ValueError(f"{args.model} is an autoencoder: evaluate it with --suite recon-shapes or recon-photos")
+    if kind == "latent_diffusion" and recon:
+        raise ValueError(f"{args.model} is a diffusion model: recon-* suites are for autoencoders")
+    model = load(args.model)
+    if kind == "autoencoder":
+        return recon_generator(model)
+    return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
+                               seed=args.seed, unconditional=args.suite == "shapes-uncond")
 
 
-#: Later stages register ``(args) -> generate | None`` functions here (autoencoders, diffusion models).
-_MODEL_GENERATORS: list[Callable[[argparse.Namespace], Any]] = []
+def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float]:
+    """``["3"]`` → 3.0 (joint); ``["class=3", "text=5"]`` → per-conditioner scales."""
+    if not items:
+        return 1.0
+    if len(items) == 1 and "=" not in items[0]:
+        return _number(items[0], "--guidance")
+    scales = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--guidance {item!r}: use one SCALE, or NAME=SCALE per conditioner")
+        scales[name] = _number(value, f"--guidance {name}")
+    return scales
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what}: expected a number, got {text!r}") from None
+
+
+# -- train ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    """Dispatch on the config: an autoencoder recipe (model.kind kl|vq) or a latent diffusion one."""
+    from ldmkit.config import ConfigError, load_config, load_yaml
+
+    data = load_yaml(args.config)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{args.config}: a training config needs a 'model:' mapping (see configs/)")
+    overrides = {}
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    if args.steps:
+        overrides["steps"] = args.steps
+    data = {**data, **overrides}
+    if data["model"].get("kind") in ("kl", "vq"):
+        from ldmkit.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+        cfg = load_config(data, AutoencoderTrainConfig)
+        path = train_autoencoder(cfg, resume=args.resume, progress=not args.quiet)
+    else:
+        from ldmkit.train.diffusion import DiffusionTrainConfig, train_diffusion
+
+        cfg = load_config(data, DiffusionTrainConfig)
+        path = train_diffusion(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+# -- sample -----------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    """``@file`` loads a file (PNG → array, JSON → object); JSON literals parse; anything else is a string."""
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise ValueError(f"{text}: no such file")
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"}:
+            import numpy as np
+            from PIL import Image
+
+            return np.asarray(Image.open(path))
+        return json.loads(path.read_text())
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.api import load, model_kind
+    from ldmkit.models.ldm import tensor_to_images
+
+    if model_kind(args.model) != "latent_diffusion":
+        raise ValueError(f"{args.model} is not a diffusion model; `ldmkit sample` needs one")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    model = load(args.model)
+    conds: dict[str, Any] = {}
+    accepted = sorted(model.stack.accepted_keys())
+    for item in args.cond or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--cond {item!r}: use KEY=VALUE; this model accepts: {', '.join(accepted) or '(none)'}")
+        if key in conds:
+            raise ValueError(f"--cond {key} given twice")
+        conds[key] = _parse_value(value)
+    batch = {k: [v] * args.n for k, v in conds.items()}
+    model.check_conditions(batch)
+    for key, values in batch.items():  # validate the values before any sampling
+        model.stack.conditioners[model.stack.accepted_keys()[key]].prepare(values)
+    guidance = _parse_guidance(args.guidance)
+    images = tensor_to_images(model.sample(batch or None, n=None if batch else args.n, guidance=guidance,
+                                           sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                           height=args.height, width=args.width))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(out / f"{i:04d}.png")
+        record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "sampler": args.sampler,
+                  "steps": args.steps, "guidance": guidance, "height": args.height, "width": args.width,
+                  "conditions": {k: (v if not hasattr(v, "tolist") else f"@{k}") for k, v in conds.items()},
+                  "command": "ldmkit " + " ".join(sys.argv[1:])}
+        (out / f"{i:04d}.json").write_text(json.dumps(record, indent=2) + "\n")
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    h, w = images.shape[1:3]
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = im
+    scale = max(1, 256 // max(h, w))
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out / "grid.png")
+    print(f"wrote {len(images)} images, their JSON and {out / 'grid.png'}")
+    return 0
+
+
+# -- zoo --------------------------------------------------------------------------------------
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from ldmkit.zoo import card, list_zoo
+
+    names = list_zoo()
+    if args.json:
+        print(json.dumps({n: card(n) for n in names}, indent=2))
+        return 0
+    if not names:
+        print("the zoo is empty")
+    for name in names:
+        c = card(name)
+        print(f"zoo:{name:<22} {c.get('description', '')}")
+        if c.get("eval"):
+            print(f"{'':<26} eval: {json.dumps(c['eval'].get('metrics', c['eval']))}")
+    return 0
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -281,8 +422,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")
     p.add_argument("--reference", action="store_true", help="score the ground-truth images (the ceiling)")
     p.add_argument("--shuffled", action="store_true", help="score each condition against another scene's image (the floor)")
+    p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train an autoencoder or a latent diffusion model from a YAML recipe")
+    p.add_argument("config", help="YAML recipe (configs/autoencoder/*.yaml, configs/ldm/*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors")
+    p.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a diffusion model")
+    p.add_argument("model", help="checkpoint path or zoo:NAME")
+    p.add_argument("--cond", action="append", metavar="KEY=VALUE", help="a condition for every image; @path for files")
+    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default 1)")
+    p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--height", type=int, default=None, help="larger than training size: convolutional sampling")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", required=True, help="directory for PNGs, JSON and grid.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("zoo", help="list the shipped models with their eval results")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_zoo)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -299,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ldmkit.config import ConfigError
     from ldmkit.plugins import PluginError
     from ldmkit.registry import ConditionerConflictError, SpecError, UnknownConditionerError
+    from ldmkit.train.checkpoint import CheckpointError
     from ldmkit.types import ConditionInputError
 
     parser = build_parser()
@@ -308,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except CheckpointError as exc:
+        print(f"ldmkit: error: {exc}", file=sys.stderr)
+        return 2
     except PluginError as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 1
@@ -319,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"ldmkit: error: invalid {exc.title}:\n{format_validation_error(exc, '  ')}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,284 @@
+"""A latent diffusion model: frozen first stage + conditioning stack + UNet + noise schedule.
+
+One readable class. Training calls :meth:`LatentDiffusion.loss` on latents and a condition batch;
+sampling (:meth:`LatentDiffusion.sample`) encodes the conditions once, wraps the UNet in a
+classifier-free-guidance denoiser evaluated in one batched call per step, runs a sampler in latent
+space and decodes. With ``autoencoder=None`` the same model works in pixel space (f = 1), which is what
+the latent-versus-pixel benchmark compares.
+
+Files: :func:`save_ldm` writes UNet, stack and first-stage weights to one safetensors file with both
+configs in its metadata; :func:`load_ldm` re-validates the configs through the plugin registry (a
+missing plugin fails with a clear message) before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ldmkit.config import LatentDiffusionConfig
+from ldmkit.diffusion.guidance import GuidedDenoiser
+from ldmkit.diffusion.samplers import SAMPLERS, as_eps_denoiser, get_sampler
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig
+from ldmkit.models.unet import UNet
+from ldmkit.registry import Registry, get_registry
+from ldmkit.wiring import build_stack
+
+__all__ = ["LatentDiffusion", "save_ldm", "load_ldm", "CHECKPOINT_KIND", "images_to_tensor", "tensor_to_images"]
+
+CHECKPOINT_KIND = "latent_diffusion"
+
+
+def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> Tensor:
+    """H×W×3 uint8 images → (B, 3, H, W) float in [-1, 1]."""
+    arr = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
+    if arr.ndim != 4 or arr.dtype != np.uint8 or arr.shape[-1] != 3:
+        raise ValueError(f"expected H x W x 3 uint8 images of one size, got an array {arr.shape} {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_images(x: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → B×H×W×3 uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class LatentDiffusion(nn.Module):
+    """See the module docstring. ``autoencoder`` is frozen here; ``None`` means pixel space."""
+
+    def __init__(
+        self,
+        config: LatentDiffusionConfig,
+        autoencoder: Autoencoder | None,
+        registry: Registry | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        if autoencoder is not None:
+            if autoencoder.downsample_factor != config.downsample_factor:
+                raise ValueError(
+                    f"downsample_factor is {config.downsample_factor} in the config but the autoencoder's is "
+                    f"{autoencoder.downsample_factor}"
+                )
+            if autoencoder.latent_channels != config.latent_channels:
+                raise ValueError(
+                    f"latent_channels is {config.latent_channels} in the config but the autoencoder has "
+                    f"{autoencoder.latent_channels}"
+                )
+            autoencoder.freeze()
+        elif (config.downsample_factor, config.latent_channels) != (1, 3):
+            raise ValueError("a pixel-space model (no autoencoder) needs downsample_factor: 1 and latent_channels: 3")
+        self.autoencoder = autoencoder
+        encode_image = self.encode_images if autoencoder is not None else None
+        self.stack = build_stack(config, registry, encode_image=encode_image)
+        self.unet = UNet(config.unet, config.latent_channels, self.stack.wiring())
+        self.schedule = NoiseSchedule.from_config(config.diffusion)
+
+    # -- first stage ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] → scaled latents (identity in pixel space)."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.encode(x)
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Scaled latents → images in [-1, 1] (identity in pixel space)."""
+        if self.autoencoder is None:
+            return z
+        return self.autoencoder.decode(z)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """UNet and the stack's trainable parameters (frozen conditioners and the first stage excluded)."""
+        return [p for p in self.unet.parameters() if p.requires_grad] + self.stack.trainable_parameters()
+
+    # -- training ------------------------------------------------------------------------------
+    def unet_call(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        return self.unet(x, t, cond.context, cond.context_mask, cond.channels, cond.vector)
+
+    def loss(
+        self,
+        latents: Tensor,
+        conditions: Mapping[str, Sequence[Any]],
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        keep: Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The simple loss on a batch of latents; conditions dropped to their nulls per ``keep``
+        (drawn from the stack's dropout when None and in training mode)."""
+        b = latents.shape[0]
+        if t is None:
+            t = self.schedule.sample_timesteps(b, generator, device=latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if self.stack.names:
+            cond = self.stack.compose(self.stack.encode(conditions, device=latents.device), keep, generator=generator)
+        else:
+            cond = None
+        x_t = self.schedule.q_sample(latents, t, noise)
+        if cond is None:
+            prediction = self.unet(x_t, t)
+        else:
+            prediction = self.unet_call(x_t, t, cond)
+        target = self.schedule.target(latents, noise, t)
+        return (prediction.float() - target.float()).pow(2).mean()
+
+    # -- sampling ------------------------------------------------------------------------------
+    def check_conditions(self, conditions: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+        """Keys must be ones this model accepts; every list the same length. Raises ValueError naming the key."""
+        accepted = self.stack.accepted_keys()
+        unknown = [k for k in conditions if k not in accepted]
+        if unknown:
+            raise ValueError(
+                f"this model does not take condition(s) {', '.join(map(repr, unknown))}; it accepts: "
+                f"{', '.join(sorted(accepted)) or '(none: unconditional)'}"
+            )
+        lengths = {k: len(v) for k, v in conditions.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"every condition needs one value per image; got lengths {lengths}")
+        return {k: list(v) for k, v in conditions.items()}
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        conditions: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        n: int | None = None,
+        guidance: float | Mapping[str, float] = 1.0,
+        negative: Mapping[str, Sequence[Any]] | None = None,
+        sampler: str = "ddim",
+        steps: int = 50,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        callback: Callable[[dict[str, Any]], Any] | None = None,
+        **sampler_options: Any,
+    ) -> Tensor:
+        """Generate images in [-1, 1], shape (B, 3, H, W).
+
+        ``conditions`` maps batch keys (``label``, ``caption``, ...) to one value per image; keys left
+        out are unconditional (their nulls). ``guidance`` is one scale (joint form) or
+        ``{conditioner name: scale}`` (per-conditioner form). ``height``/``width`` larger than the
+        training size sample convolutionally (paper §4.3.2).
+        """
+        conditions = self.check_conditions(conditions or {})
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        sizes = {len(v) for v in conditions.values()}
+        b = sizes.pop() if sizes else n
+        if b is None or b < 1:
+            raise ValueError("give conditions (one value per image) or n >= 1 for unconditional sampling")
+        if n is not None and n != b:
+            raise ValueError(f"n={n} but the conditions hold {b} values")
+        f = self.config.downsample_factor
+        height = height or self.config.image_size
+        width = width or self.config.image_size
+        multiple = f * self.unet.min_size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}; got {height}x{width}")
+        device = self.device
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (b, self.config.latent_channels, height // f, width // f)
+        x_T = torch.randn(shape, generator=generator).to(device)
+        model_fn: Callable[[Tensor, Tensor], Tensor]
+        if self.stack.names:
+            names = [self.stack.accepted_keys()[k] for k in conditions]
+            outputs = self.stack.encode(conditions, names=names, device=device)
+            neg = None
+            if negative:
+                negative = self.check_conditions(negative)
+                neg = self.stack.encode(negative, names=[self.stack.accepted_keys()[k] for k in negative], device=device)
+            if not outputs:  # fully unconditional: the null of every conditioner
+                outputs = {}
+                cond = self.stack.compose(self.stack.nulls(b), {n: True for n in self.stack.names})
+
+                def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                    return self.unet_call(x, t, cond)
+            else:
+                scales = guidance
+                if isinstance(guidance, Mapping):
+                    scales = {k: v for k, v in guidance.items()}
+                    unknown = [k for k in scales if k not in self.stack.names]
+                    if unknown:
+                        raise ValueError(
+                            f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
+                            f"this model has: {', '.join(self.stack.names)}"
+                        )
+                    for name in outputs:
+                        scales.setdefault(name, 1.0)
+                    scales = {k: v for k, v in scales.items() if k in outputs}
+                model_fn = GuidedDenoiser(self.unet, self.stack, outputs, scales, negative_outputs=neg)
+        else:
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                return self.unet(x, t)
+
+        denoise = as_eps_denoiser(model_fn, self.schedule)
+        run = get_sampler(sampler)
+        z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
+                callback=callback, **sampler_options)
+        return self.decode_latents(z).clamp(-1, 1)
+
+
+# -- files -------------------------------------------------------------------------------------
+def save_ldm(model: LatentDiffusion, path: str | os.PathLike[str], *, dtype: Literal["float32", "float16"] = "float32",
+             extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """One safetensors file: ``unet.*``, ``stack.*`` and ``autoencoder.*`` with both configs in the metadata."""
+    from ldmkit.train.checkpoint import make_metadata, module_tensors, save_checkpoint
+
+    tensors = {**module_tensors(model.unet, "unet."), **module_tensors(model.stack, "stack.")}
+    extra: dict[str, Any] = dict(extra_metadata or {})
+    if model.autoencoder is not None:
+        tensors.update(module_tensors(model.autoencoder, "autoencoder."))
+        extra["ldmkit.autoencoder_config"] = model.autoencoder.config.model_dump_json()
+    if dtype == "float16":
+        tensors = {k: (v.half() if v.is_floating_point() and "scale_factor" not in k else v) for k, v in tensors.items()}
+    return save_checkpoint(path, tensors, make_metadata(CHECKPOINT_KIND, model.config, **extra))
+
+
+def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", registry: Registry | None = None) -> LatentDiffusion:
+    """Rebuild a :class:`LatentDiffusion` from :func:`save_ldm`'s file (no pickle).
+
+    The configs are validated (and every conditioner's plugin looked up) before any tensor is read.
+    """
+    from ldmkit.config import ConfigError, load_config
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata
+
+    meta = read_metadata(path)
+    if meta.get("ldmkit.kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a latent diffusion model: ldmkit.kind={meta.get('ldmkit.kind')!r}")
+    try:
+        config = load_config(json.loads(meta["ldmkit.config"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: cannot rebuild the model: {exc}\n(is the plugin that provides it installed? see `ldmkit plugins`)") from None
+    autoencoder = None
+    if "ldmkit.autoencoder_config" in meta:
+        autoencoder = Autoencoder(AutoencoderConfig.model_validate_json(meta["ldmkit.autoencoder_config"]))
+    model = LatentDiffusion(config, autoencoder, registry or get_registry())
+    state = load_checkpoint(path).tensors
+    groups: dict[str, dict[str, Tensor]] = {"unet": {}, "stack": {}, "autoencoder": {}}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head not in groups:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}")
+        groups[head][rest] = value.float() if value.is_floating_point() else value
+    try:
+        model.unet.load_state_dict(groups["unet"], strict=True)
+        model.stack.load_state_dict(groups["stack"], strict=True)
+        if autoencoder is not None:
+            autoencoder.load_state_dict(groups["autoencoder"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match its config: {exc}") from None
+    return model.to(device).eval()
