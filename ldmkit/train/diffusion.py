@@ -264,7 +264,7 @@ def train_diffusion(
         if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
             raise CheckpointError(f"{ckpt_path} is not a diffusion training checkpoint")
         saved = DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
-        changed = sorted(k for k in cfg.model_fields if getattr(saved, k) != getattr(cfg, k) and k not in RESUMABLE_CHANGES)
+        changed = sorted(k for k in DiffusionTrainConfig.model_fields if getattr(saved, k) != getattr(cfg, k) and k not in RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"cannot resume {ckpt_path}: the config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change")
         _load_trainable(model, ckpt, "model.")

@@ -1,0 +1,160 @@
+"""Latent diffusion: training (exact resume, DDP equals one process), files, sampling and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldmkit.config import load_config
+from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig, save_autoencoder
+from ldmkit.models.ldm import LatentDiffusion, load_ldm, save_ldm
+from ldmkit.train.checkpoint import load_checkpoint
+from ldmkit.train.diffusion import DiffusionTrainConfig, train_diffusion
+
+TINY_AE = dict(kind="kl", resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
+               z_channels=3, embed_dim=3, norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def ae_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
+    save_autoencoder(Autoencoder(AutoencoderConfig(**TINY_AE)), path)
+    return path
+
+
+def train_cfg(ae_path, out_dir, **overrides):
+    data = {
+        "model": {
+            "image_size": 32, "autoencoder": str(ae_path), "latent_channels": 3, "downsample_factor": 4,
+            "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "num_heads": 2},
+            "conditioning": {"context_dim": 16, "vector_dim": 16, "conditioners": [
+                {"type": "class", "key": "label", "num_classes": 18, "dim": 16, "dropout": 0.3},
+                {"type": "class", "name": "class_vec", "key": "label", "num_classes": 18, "dim": 16, "route": "vector", "dropout": 0.3},
+            ]},
+        },
+        "data": {"name": "shapes", "cache_size": 64},
+        "steps": 6, "batch_size": 8, "warmup_steps": 2, "log_every": 2, "image_every": 1000, "ckpt_every": 3,
+        "out_dir": str(out_dir), "num_threads": 1,
+    }
+    data.update(overrides)
+    return load_config(data, DiffusionTrainConfig)
+
+
+def trainable(path):
+    ckpt = load_checkpoint(path)
+    return {k: v for k, v in ckpt.tensors.items() if k.startswith(("model.", "ema."))}
+
+
+def test_training_reduces_loss_and_writes_everything(ae_path, tmp_path):
+    logs = []
+    cfg = train_cfg(ae_path, tmp_path / "run", steps=30, log_every=10, lr=2e-3, image_every=30, num_images=4, sample_steps=3)
+    final = train_diffusion(cfg, progress=False, on_step=lambda s, rec: logs.append(rec["loss"]))
+    assert final.is_file() and (tmp_path / "run/samples/step_000030.png").is_file()
+    assert logs[-1] < logs[0]
+    lines = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "done"
+
+
+def test_resume_reproduces_the_uninterrupted_run(ae_path, tmp_path):
+    full = train_cfg(ae_path, tmp_path / "full")
+    train_diffusion(full, progress=False)
+    part = train_cfg(ae_path, tmp_path / "part")
+    train_diffusion(part, progress=False, stop_after=3)  # as if killed after the step-3 checkpoint
+    assert not (tmp_path / "part/model.safetensors").exists()
+    train_diffusion(part, resume=True, progress=False)
+    a, b = trainable(tmp_path / "full/last.safetensors"), trainable(tmp_path / "part/last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_refuses_to_overwrite_or_resume_a_different_recipe(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "r", steps=3)
+    train_diffusion(cfg, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_diffusion(cfg, progress=False)
+    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+        train_diffusion(train_cfg(ae_path, tmp_path / "r", steps=3, lr=1e-2), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(ae_path, tmp_path):
+    single = train_cfg(ae_path, tmp_path / "single", steps=4, ckpt_every=4)
+    train_diffusion(single, progress=False)
+    cfg_path = tmp_path / "ddp.json"
+    cfg_path.write_text(train_cfg(ae_path, tmp_path / "ddp", steps=4, ckpt_every=4).model_dump_json())
+    script = tmp_path / "run_ddp.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import torch.distributed as dist\n"
+        "from ldmkit.train.diffusion import DiffusionTrainConfig, train_diffusion\n"
+        "cfg = DiffusionTrainConfig.model_validate_json(open(sys.argv[1]).read())\n"
+        "train_diffusion(cfg, progress=False)\n"
+        "from ldmkit.train.checkpoint import load_checkpoint\n"
+        "ck = load_checkpoint(cfg.out_dir + '/last.safetensors')\n"
+        "w = torch.cat([v.flatten().float() for k, v in sorted(ck.tensors.items()) if k.startswith('model.')])\n"
+        "dist.init_process_group('gloo') if not dist.is_initialized() else None\n"
+        "torch.save(w, cfg.out_dir + f'/rank{dist.get_rank()}.pt')\n"  # a plain tensor file for the test only
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          str(script), str(cfg_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0 = torch.load(tmp_path / "ddp/rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp/rank1.pt", weights_only=True)
+    assert torch.equal(r0, r1)  # the ranks hold identical weights
+    ref = trainable(tmp_path / "single/last.safetensors")
+    w = torch.cat([v.flatten().float() for k, v in sorted(ref.items()) if k.startswith("model.")])
+    assert torch.allclose(r0, w, atol=1e-5, rtol=1e-4), (r0 - w).abs().max()
+
+
+def test_file_roundtrip_and_sampling(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE)))
+    with torch.no_grad():  # an untrained UNet's zero-initialized output ignores every condition
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_ldm(model, tmp_path / "m.safetensors")
+    again = load_ldm(path)
+    a = model.eval().sample({"label": [1, 2]}, steps=3, seed=5)
+    b = again.sample({"label": [1, 2]}, steps=3, seed=5)
+    assert a.shape == (2, 3, 32, 32) and torch.allclose(a, b, atol=1e-5)
+    c = again.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 3.0, "class_vec": 0.0})
+    assert not torch.allclose(a, c)
+    big = again.sample({"label": [1]}, steps=2, seed=0, height=64, width=64)  # convolutional sampling
+    assert big.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="accepts: label"):
+        again.sample({"caption": ["a red circle"]}, steps=2)
+
+
+def test_loading_without_the_plugin_is_a_clear_error(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    path = save_ldm(LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))), tmp_path / "m.safetensors")
+    env = {**os.environ, "LDMKIT_DISABLE_PLUGINS": "class"}
+    res = subprocess.run([sys.executable, "-m", "ldmkit.cli", "sample", str(path), "--cond", "label=1", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "no conditioner 'class'" in res.stderr and "ldmkit plugins" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_json(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    path = save_ldm(LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))), tmp_path / "m.safetensors")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldmkit.cli", "sample", str(path), *a], capture_output=True, text=True)
+    bad = run("--cond", "label=99", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "label" in bad.stderr and "0..17" in bad.stderr and not (tmp_path / "b").exists()
+    bad = run("--cond", "colour=red", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "accepts: label" in bad.stderr
+    ok = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o"))
+    assert ok.returncode == 0, ok.stderr
+    meta = json.loads((tmp_path / "o/0001.json").read_text())
+    assert meta["conditions"] == {"label": 4} and meta["seed"] == 7
+    again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
+    assert again.returncode == 0
+    assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()
