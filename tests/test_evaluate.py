@@ -1,0 +1,139 @@
+"""The suite runner: ceilings (reference), floors (shuffled), model mode, argument checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from ldmkit.data.base import Sample
+from ldmkit.evaluate import MODES, SUITES, derangement, main, run_suite, suite_conditions
+
+SHAPES_SUITES = [s for s in SUITES if s != "recon-photos"]
+N = 200
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[tuple[str, str], dict[str, float]]:
+    return {(suite, mode): run_suite(suite, n=N, mode=mode) for suite in SHAPES_SUITES for mode in MODES[:2]}
+
+
+# the required ceilings and floors (issue 3), plus the rest of docs/evaluation.md's tables, loosely
+CEILING = {
+    "shapes-class": {"class_acc": 0.99},
+    "shapes-caption": {"caption_acc": 0.99, "caption_acc_heldout": 0.99},
+    "shapes-layout": {"miou": 0.95, "count_acc": 0.99, "label_acc": 0.99},
+    "shapes-semantic": {"pixel_acc": 0.99, "miou": 0.95},
+    "shapes-sr": {"psnr": 100.0, "ssim": 1.0, "lr_psnr": 100.0},
+    "shapes-inpaint": {"psnr_outside": 100.0, "psnr_inside": 100.0, "object_f1": 0.99},
+    "shapes-uncond": {"valid_scene_rate": 0.99},
+    "recon-shapes": {"psnr": 100.0, "ssim": 1.0},
+}
+FLOOR = {
+    "shapes-class": {"class_acc": 0.2},
+    "shapes-caption": {"caption_acc": 0.2, "caption_acc_heldout": 0.2},
+    "shapes-layout": {"miou": 0.3, "count_acc": 0.5, "label_acc": 0.5},
+    "shapes-semantic": {"pixel_acc": 0.85, "miou": 0.2},
+    "shapes-sr": {"psnr": 20.0, "ssim": 0.5, "lr_psnr": 20.0},
+    "shapes-inpaint": {"psnr_outside": 20.0, "psnr_inside": 20.0, "object_f1": 0.2},
+    "recon-shapes": {"psnr": 20.0, "ssim": 0.5},
+}
+
+
+@pytest.mark.parametrize("suite", SHAPES_SUITES)
+def test_reference_reaches_the_ceiling(results: dict, suite: str) -> None:
+    got = results[suite, "reference"]
+    assert all(isinstance(v, float) for v in got.values())
+    for name, low in CEILING[suite].items():
+        assert got[name] >= low, (name, got)
+
+
+@pytest.mark.parametrize("suite", [s for s in SHAPES_SUITES if s in FLOOR])
+def test_shuffled_stays_at_the_floor(results: dict, suite: str) -> None:
+    got = results[suite, "shuffled"]
+    for name, high in FLOOR[suite].items():
+        assert got[name] <= high, (name, got)
+
+
+def test_condition_only_metrics_ignore_the_images(results: dict) -> None:
+    ref, shuf = results["shapes-sr", "reference"], results["shapes-sr", "shuffled"]
+    assert ref["psnr_bicubic"] == shuf["psnr_bicubic"] and 20 < ref["psnr_bicubic"] < 40
+
+
+def test_distribution_metrics_cannot_tell_shuffled_from_reference(results: dict) -> None:
+    ref, shuf = results["shapes-uncond", "reference"], results["shapes-uncond", "shuffled"]
+    assert shuf["valid_scene_rate"] == ref["valid_scene_rate"]
+    assert shuf["fd"] == pytest.approx(ref["fd"])  # the same image set in another order
+    assert results["recon-shapes", "reference"]["fd"] == pytest.approx(ref["fd"])
+
+
+def test_model_mode_scores_what_generate_returns() -> None:
+    seen: list[list[Sample]] = []
+
+    def identity(conditions: list[Sample]) -> list[np.ndarray]:
+        seen.append(conditions)
+        return [c.image for c in conditions]
+
+    got = run_suite("shapes-layout", n=20, mode="model", generate=identity)
+    assert got == run_suite("shapes-layout", n=20, mode="reference")
+    assert len(seen) == 1 and len(seen[0]) == 20
+
+    def blank(conditions: list[Sample]) -> list[np.ndarray]:
+        return [np.full_like(c.image, 100) for c in conditions]
+
+    assert run_suite("shapes-class", n=20, mode="model", generate=blank) == {"class_acc": 0.0}
+    # caption suite: n eval + n held-out conditions in one call
+    assert len(suite_conditions("shapes-caption", 5)) == 10
+
+
+def test_generate_output_is_checked() -> None:
+    with pytest.raises(ValueError, match="returned 19 images for 20"):
+        run_suite("shapes-class", n=20, mode="model", generate=lambda c: [x.image for x in c][:19])
+    with pytest.raises(ValueError, match="uint8"):
+        run_suite("shapes-class", n=20, mode="model", generate=lambda c: [x.image.astype(float) for x in c])
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"suite": "shapes-foo"}, "shapes-class, shapes-caption"), ({"mode": "oracle"}, "mode"), ({"n": 1}, "n must"),
+    ({"mode": "model"}, "generate"), ({"generate": lambda c: c}, "generate"), ({"size": 30}, "size"),
+])
+def test_bad_arguments(kwargs: dict, word: str) -> None:
+    kwargs = {"suite": "shapes-class", "n": 10, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        run_suite(kwargs.pop("suite"), **kwargs)
+
+
+def test_derangement() -> None:
+    for n in (2, 3, 10, 200):
+        perm = derangement(n, seed=0)
+        assert sorted(perm) == list(range(n)) and not (perm == np.arange(n)).any()
+    assert (derangement(50, 1) == derangement(50, 1)).all()
+
+
+def test_conditions_are_deterministic_and_seeded() -> None:
+    a, b = suite_conditions("shapes-class", 5, seed=0), suite_conditions("shapes-class", 5, seed=0)
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    c = suite_conditions("shapes-class", 5, seed=1)
+    assert not np.array_equal(a[0].image, c[0].image)
+
+
+def test_recon_photos_without_the_photos_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ldmkit.data.photos", None)  # makes the import fail
+    with pytest.raises(NotImplementedError, match="ldmkit.data.photos"):
+        run_suite("recon-photos", n=4)
+
+
+def test_recon_photos_when_available() -> None:
+    pytest.importorskip("ldmkit.data.photos")
+    ref = run_suite("recon-photos", n=8, mode="reference")
+    shuf = run_suite("recon-photos", n=8, mode="shuffled")
+    assert ref == {"psnr": 100.0, "ssim": 1.0}
+    assert shuf["psnr"] < 25 and shuf["ssim"] < 0.6
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shapes-class", "--n", "10", "--shuffled"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["suite"] == "shapes-class" and out["mode"] == "shuffled" and 0 <= out["metrics"]["class_acc"] <= 1
