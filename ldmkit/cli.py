@@ -122,8 +122,63 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return status
 
 
-#: Later stages (data, autoencoders, diffusion) append steps to the quickstart here.
-_QUICKSTART_STEPS: list[Callable[[argparse.Namespace], int | None]] = []
+def _quickstart_data(args: argparse.Namespace) -> None:
+    """A preview of the shapes world with every modality's ground truth drawn on."""
+    from ldmkit.data.preview import preview_grid
+    from ldmkit.data.shapes import ShapesWorld
+
+    out = Path(args.out)
+    world = ShapesWorld(split="eval", size=32, seed=0)
+    path = out / "shapes-preview.png"
+    preview_grid([world[i] for i in range(8)], cols=4, scale=4).save(path)
+    print(f"\n== data: the shapes world (every conditioner's ground truth at once) ==\nwrote {path}")
+
+
+def _quickstart_autoencoders(args: argparse.Namespace) -> None:
+    """Reconstructions of held-out scenes by every zoo autoencoder, side by side, with their PSNR."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.api import load, model_kind
+    from ldmkit.data.shapes import ShapesWorld
+    from ldmkit.metrics.image import psnr
+    from ldmkit.models.ldm import images_to_tensor, tensor_to_images
+    from ldmkit.zoo import list_zoo
+
+    names = [n for n in list_zoo() if model_kind(f"zoo:{n}") == "autoencoder"]
+    print("\n== first stage: zoo autoencoders on held-out scenes ==")
+    if not names:
+        print("(no autoencoder in the zoo yet)")
+        return
+    world = ShapesWorld(split="eval", size=32, seed=0)
+    originals = np.stack([world[i].image for i in range(8)])
+    rows = [originals]
+    for name in names:
+        model = load(f"zoo:{name}")
+        with torch_inference():
+            rec = tensor_to_images(model.reconstruct(images_to_tensor(originals)))
+        rows.append(rec)
+        z = model.latent_shape(32, 32)
+        print(f"zoo:{name:<16} 32x32x3 -> latent {z[1]}x{z[2]}x{z[0]}   PSNR on these 8: {psnr(rec, originals):.1f} dB")
+    gap = 2
+    h, w = originals.shape[1:3]
+    grid = np.full((len(rows) * (h + gap) + gap, 8 * (w + gap) + gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid[gap + r * (h + gap): gap + r * (h + gap) + h, gap + c * (w + gap): gap + c * (w + gap) + w] = im
+    path = Path(args.out) / "reconstructions.png"
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+    print(f"wrote {path} (top row: originals; then one row per autoencoder: {', '.join(names)})")
+
+
+def torch_inference():
+    import torch
+
+    return torch.inference_mode()
+
+
+#: The quickstart's later steps: data, then what each stage adds (autoencoders, diffusion).
+_QUICKSTART_STEPS: list[Callable[[argparse.Namespace], int | None]] = [_quickstart_data, _quickstart_autoencoders]
 
 
 # -- data -------------------------------------------------------------------------------------
