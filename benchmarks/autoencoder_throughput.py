@@ -10,8 +10,12 @@ warm-up, under ``torch.inference_mode``. The last line of output is one JSON obj
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
 import platform
 import statistics
 import time

@@ -1,0 +1,197 @@
+"""ldmkit's UNet against diffusers' UNet2DConditionModel at the same configuration.
+
+Both models get the same block structure (channel widths, res blocks per level, cross-attention levels,
+heads, GEGLU transformer blocks with linear projections); their parameter counts are printed and must
+agree within 2 %. Timings are medians of paired, interleaved runs (ldmkit, diffusers, ldmkit, ...):
+
+- train step: forward + backward + AdamW step on a batch;
+- sample step: one forward under ``torch.inference_mode`` on a doubled batch (classifier-free
+  guidance evaluated as one batched call).
+
+Ratios are diffusers time / ldmkit time, so above 1 means ldmkit is faster. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA, and on the CPU the growth of the peak resident set of a
+fresh process running a few train steps of one model. The last line of output is one JSON object.
+
+Usage: python benchmarks/unet_vs_diffusers.py [--device cpu|cuda] [--batch 16] [--latent 8] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIG = {"model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": 2, "attention_levels": [1, 2], "num_heads": 4}
+CONTEXT_DIM, CONTEXT_TOKENS, LATENT_CHANNELS = 128, 8, 4
+
+
+def build(which: str, device: str):
+    torch.manual_seed(0)
+    if which == "ldmkit":
+        from ldmkit.conditioning import UNetWiring
+        from ldmkit.config import UNetConfig
+        from ldmkit.models.unet import UNet
+
+        model = UNet(UNetConfig(**CONFIG), LATENT_CHANNELS, UNetWiring(CONTEXT_DIM, CONTEXT_TOKENS, 0, None))
+
+        def call(x, t, ctx):
+            return model(x, t, ctx, None)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        mc, mult = CONFIG["model_channels"], CONFIG["channel_mult"]
+        widths = tuple(mc * m for m in mult)
+        attn = [i in CONFIG["attention_levels"] for i in range(len(mult))]
+        model = UNet2DConditionModel(
+            in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=widths,
+            layers_per_block=CONFIG["num_res_blocks"],
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            cross_attention_dim=CONTEXT_DIM, attention_head_dim=tuple(w // CONFIG["num_heads"] for w in widths),
+            norm_num_groups=32, use_linear_projection=True,
+        )
+
+        def call(x, t, ctx):
+            return model(x, t, encoder_hidden_states=ctx).sample
+    return model.to(device), call
+
+
+def inputs(batch: int, latent: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    ctx = torch.randn(batch, CONTEXT_TOKENS, CONTEXT_DIM, generator=g).to(device)
+    return x, t, ctx
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(which: str, batch: int, latent: int) -> None:
+    """Run in a fresh process: peak resident-set growth (KiB) over train steps of one model on the CPU.
+
+    The model and inputs are built first; then the kernel's peak-RSS mark is reset (``5`` into
+    ``/proc/self/clear_refs``) so the peak measured is that of training alone (activations, gradients,
+    AdamW state)."""
+    model, call = build(which, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, t, ctx = inputs(batch, latent, "cpu")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status_kib("VmRSS")
+    for _ in range(3):
+        loss = call(x, t, ctx).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(_status_kib("VmHWM") - base)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--latent", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--memory-child", choices=["ldmkit", "diffusers"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch, args.latent)
+        return
+
+    models = {w: build(w, args.device) for w in ("ldmkit", "diffusers")}
+    params = {w: sum(q.numel() for q in m.parameters()) for w, (m, _) in models.items()}
+    print(f"parameters: ldmkit {params['ldmkit']:,}  diffusers {params['diffusers']:,}")
+    if abs(params["ldmkit"] / params["diffusers"] - 1) > 0.02:
+        raise SystemExit("parameter counts differ by more than 2%: the configurations do not match")
+    x, t, ctx = inputs(args.batch, args.latent, args.device)
+    x2, t2, ctx2 = (torch.cat([a, a]) for a in (x, t, ctx))
+    opts = {w: torch.optim.AdamW(m.parameters(), lr=1e-4) for w, (m, _) in models.items()}
+
+    def train_step(w: str) -> float:
+        model, call = models[w]
+        model.train()
+        sync(args.device)
+        t0 = time.perf_counter()
+        loss = call(x, t, ctx).pow(2).mean()
+        opts[w].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[w].step()
+        sync(args.device)
+        return time.perf_counter() - t0
+
+    def sample_step(w: str) -> float:
+        model, call = models[w]
+        model.eval()
+        sync(args.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            call(x2, t2, ctx2)
+        sync(args.device)
+        return time.perf_counter() - t0
+
+    times: dict[str, dict[str, list[float]]] = {k: {"ldmkit": [], "diffusers": []} for k in ("train", "sample")}
+    for kind, fn in (("train", train_step), ("sample", sample_step)):
+        for w in models:  # warm-up
+            fn(w)
+            fn(w)
+        for r in range(args.repeats):
+            order = ("ldmkit", "diffusers") if r % 2 == 0 else ("diffusers", "ldmkit")
+            for w in order:
+                times[kind][w].append(fn(w))
+    med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
+    for k in med:
+        print(f"{k:<6} step: ldmkit {med[k]['ldmkit'] * 1000:.1f} ms  diffusers {med[k]['diffusers'] * 1000:.1f} ms")
+
+    memory = {}
+    if args.device == "cuda":
+        for w, (model, call) in models.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            train_step(w)
+            memory[w] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    else:
+        for w in models:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", w, "--batch", str(args.batch),
+                                  "--latent", str(args.latent)], capture_output=True, text=True, check=True)
+            memory[w] = round(int(out.stdout.strip().splitlines()[-1]) / 1024, 1)
+    print(f"peak memory of a train step (MiB): ldmkit {memory['ldmkit']}  diffusers {memory['diffusers']}")
+    import diffusers
+
+    print(json.dumps({
+        "benchmark": "unet_vs_diffusers", "device": args.device, "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
+        "config": {**CONFIG, "context_dim": CONTEXT_DIM, "context_tokens": CONTEXT_TOKENS, "batch": args.batch,
+                   "latent": [LATENT_CHANNELS, args.latent, args.latent]},
+        "parameters": params,
+        "train_step_ms": {w: round(v * 1000, 2) for w, v in med["train"].items()},
+        "sample_step_ms": {w: round(v * 1000, 2) for w, v in med["sample"].items()},
+        "train_step_ratio": round(med["train"]["diffusers"] / med["train"]["ldmkit"], 3),
+        "sample_step_ratio": round(med["sample"]["diffusers"] / med["sample"]["ldmkit"], 3),
+        "peak_memory_mib": memory,
+    }))
+
+
+if __name__ == "__main__":
+    main()
