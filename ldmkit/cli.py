@@ -92,7 +92,12 @@ def cmd_wiring(args: argparse.Namespace) -> int:
     from ldmkit.config import load_config
     from ldmkit.wiring import describe_wiring
 
-    desc = describe_wiring(load_config(args.config))
+    from ldmkit.config import load_yaml
+
+    data = load_yaml(args.config)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict) and "steps" in data:
+        data = data["model"]  # a training recipe: wire its model
+    desc = describe_wiring(load_config(data))
     if args.json:
         print(json.dumps(desc, indent=2))
     else:
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("wiring", help="show how a model config's conditioners wire the UNet")
-    p.add_argument("config", help="a latent diffusion YAML config")
+    p.add_argument("config", help="a latent diffusion YAML config (or a training recipe with a model: section)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wiring)
 

@@ -158,3 +158,10 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
     assert again.returncode == 0
     assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()
+
+
+def test_pipeline_call_returns_pil_images(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
+    images = model(label=[1, 2, 3], steps=2, seed=0, guidance=2.0)
+    assert len(images) == 3 and images[0].size == (32, 32) and images[0].mode == "RGB"

@@ -232,6 +232,23 @@ class LatentDiffusion(nn.Module):
         return self.decode_latents(z).clamp(-1, 1)
 
 
+    _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback")
+
+    def forward(self, conditions: Mapping[str, Sequence[Any]] | None = None, **kwargs: Any) -> list[Any]:
+        """The pipeline call: ``model(label=[3, 5], guidance=2.0, steps=50, seed=0)`` → PIL images.
+
+        Keyword arguments that are not sampling options (``n``, ``guidance``, ``negative``, ``sampler``,
+        ``steps``, ``seed``, ``height``, ``width``, ``callback``) are conditions, by batch key.
+        """
+        from PIL import Image
+
+        options = {k: v for k, v in kwargs.items() if k in self._SAMPLE_OPTIONS}
+        conds = dict(conditions or {})
+        conds.update({k: v for k, v in kwargs.items() if k not in self._SAMPLE_OPTIONS})
+        images = tensor_to_images(self.sample(conds or None, **options))
+        return [Image.fromarray(im) for im in images]
+
+
 # -- files -------------------------------------------------------------------------------------
 def save_ldm(model: LatentDiffusion, path: str | os.PathLike[str], *, dtype: Literal["float32", "float16"] = "float32",
              extra_metadata: Mapping[str, Any] | None = None) -> Path:
