@@ -165,3 +165,8 @@ def test_pipeline_call_returns_pil_images(ae_path, tmp_path):
     model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
     images = model(label=[1, 2, 3], steps=2, seed=0, guidance=2.0)
     assert len(images) == 3 and images[0].size == (32, 32) and images[0].mode == "RGB"
+
+
+def test_bf16_autocast_trains(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "bf16", steps=2, precision="bf16", ckpt_every=2)
+    assert train_diffusion(cfg, progress=False).is_file()
