@@ -270,12 +270,13 @@ class ConditioningStack(nn.Module):
     def dropout_keep(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per conditioner, a (B,) bool tensor: True keeps the condition, False replaces it by null."""
         device = self._device()
+        draw_on = generator.device if generator is not None else device  # a CPU generator may feed a GPU stack
         keep = {}
         for name, c in self.conditioners.items():
-            u = torch.rand(batch_size, generator=generator, device=device)
+            u = torch.rand(batch_size, generator=generator, device=draw_on).to(device)
             keep[name] = u >= c.config.dropout
         for group in self.config.dropout_groups:
-            u = torch.rand(batch_size, generator=generator, device=device)
+            u = torch.rand(batch_size, generator=generator, device=draw_on).to(device)
             dropped = u < group.p
             for name in group.names:
                 keep[name] = keep[name] & ~dropped

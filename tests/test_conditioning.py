@@ -181,3 +181,11 @@ def test_condition_output_validates_itself():
         ConditionOutput(Route.TOKENS, torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="only tokens"):
         ConditionOutput(Route.VECTOR, torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_dropout_draws_from_a_cpu_generator_for_a_stack_on_another_device():
+    # Training draws every step's randomness from a CPU generator; a GPU stack must accept it
+    # (found by the CUDA smoke test, scripts/gpu_smoke.py). The meta device stands in for CUDA here.
+    stack = make_stack(words={"dropout": 0.5}).to("meta")
+    keep = stack.dropout_keep(8, torch.Generator().manual_seed(0))
+    assert keep["words"].device.type == "meta"

@@ -120,10 +120,11 @@ class LatentDiffusion(nn.Module):
         """The simple loss on a batch of latents; conditions dropped to their nulls per ``keep``
         (drawn from the stack's dropout when None and in training mode)."""
         b = latents.shape[0]
+        draw_on = generator.device if generator is not None else latents.device
         if t is None:
-            t = self.schedule.sample_timesteps(b, generator, device=latents.device)
+            t = self.schedule.sample_timesteps(b, generator, device=draw_on).to(latents.device)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            noise = torch.randn(latents.shape, generator=generator, device=draw_on).to(latents.device)
         if self.stack.names:
             cond = self.stack.compose(self.stack.encode(conditions, device=latents.device), keep, generator=generator)
         else:
