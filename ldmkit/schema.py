@@ -21,7 +21,8 @@ from ldmkit.registry import Registry
 __all__ = ["generate_schemas", "write_schemas", "check_schemas", "schema_providers"]
 
 
-def _model_schema(registry: Registry) -> dict[str, Any]:
+def _with_union(registry: Registry) -> type[BaseModel]:
+    """LatentDiffusionConfig with its conditioner list typed as the registry's discriminated union."""
     union = registry.config_union()
     conditioning = create_model(
         "ConditioningConfig",
@@ -35,12 +36,28 @@ def _model_schema(registry: Registry) -> dict[str, Any]:
         __doc__=LatentDiffusionConfig.__doc__,
         conditioning=(conditioning, Field(default_factory=conditioning)),
     )
-    return model.model_json_schema()
+    return model
+
+
+def _model_schema(registry: Registry) -> dict[str, Any]:
+    return _with_union(registry).model_json_schema()
+
+
+def _diffusion_train_schema(registry: Registry) -> dict[str, Any]:
+    from ldmkit.train.diffusion import DiffusionTrainConfig
+
+    model = _with_union(registry)
+    recipe = create_model("DiffusionTrainConfig", __base__=DiffusionTrainConfig, __doc__=DiffusionTrainConfig.__doc__,
+                          model=(model, ...))
+    return recipe.model_json_schema()
 
 
 def schema_providers() -> dict[str, Callable[[Registry], dict[str, Any]]]:
     """File stem → function producing that schema. Other modules' models join here."""
-    providers: dict[str, Callable[[Registry], dict[str, Any]]] = {"latent_diffusion": _model_schema}
+    providers: dict[str, Callable[[Registry], dict[str, Any]]] = {
+        "latent_diffusion": _model_schema,
+        "diffusion_train": _diffusion_train_schema,
+    }
     for stem, dotted in _OPTIONAL_MODELS.items():
         module_name, attr = dotted.rsplit(":", 1)
         try:
