@@ -23,6 +23,6 @@ fi
 extras="${EXTRAS:-data}"
 plugins=()
 for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
-echo "[setup] pip install ldmkit[$extras] and ${#plugins[@]} plugins into $(python -c 'import sys; print(sys.prefix)')"
+echo "[setup] pip install ldmkit[$extras] and $((${#plugins[@]} / 2)) plugins into $(python -c 'import sys; print(sys.prefix)')"
 python -m pip install -q --disable-pip-version-check -e ".[$extras]" "${plugins[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
 python -c "import ldmkit, torch; print(f'[setup] ldmkit {ldmkit.__version__}, torch {torch.__version__}')"
