@@ -16,7 +16,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ldmkit.train.autoencoder import (
+    AugmentConfig,
     AutoencoderTrainConfig,
+    augment_images,
     batch_indices,
     load_autoencoder,
     load_train_config,
@@ -54,6 +56,16 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step() -> None:
     assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
     assert np.array_equal(batch_indices(3, b, n, seed=1), seq[12:16])
     assert not np.array_equal(batch_indices(0, b, n, seed=2), batch_indices(0, b, n, seed=1))
+
+
+def test_augmentation_is_a_pure_function_of_seed_and_step() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    cfg = AugmentConfig(hflip=True, channel_permute=True)
+    a = augment_images(images, cfg, seed=1, step=5)
+    assert np.array_equal(a, augment_images(images, cfg, seed=1, step=5))
+    assert not np.array_equal(a, augment_images(images, cfg, seed=1, step=6))
+    assert np.array_equal(np.sort(a.reshape(-1)), np.sort(images.reshape(-1)))  # same values, moved
+    assert augment_images(images, AugmentConfig(), 1, 5) is images
 
 
 def test_training_writes_outputs_and_loss_drops(tmp_path) -> None:
@@ -131,13 +143,14 @@ def test_resume_after_kill_is_bit_identical(tmp_path) -> None:
 
 def test_resume_after_crash_is_bit_identical_vq(tmp_path) -> None:
     """Same for VQ (codebook restarts use the RNG too), interrupted in-process by an exception at step 5."""
-    train_autoencoder(tiny_cfg(tmp_path / "full", kind="vq"), progress=False)
+    aug = {"hflip": True, "channel_permute": True}  # augmentation draws from (seed, step) too
+    train_autoencoder(tiny_cfg(tmp_path / "full", kind="vq", augment=aug), progress=False)
 
     def crash(step: int, logs: dict) -> None:
         if step == 5:
             raise KeyboardInterrupt
 
-    part = tiny_cfg(tmp_path / "part", kind="vq")
+    part = tiny_cfg(tmp_path / "part", kind="vq", augment=aug)
     with pytest.raises(KeyboardInterrupt):
         train_autoencoder(part, progress=False, on_step=crash)
     torch.manual_seed(999)  # whatever happened to the RNG in between must not matter

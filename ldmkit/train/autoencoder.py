@@ -1,6 +1,7 @@
 """Training the first stage: :class:`AutoencoderTrainConfig` and :func:`train_autoencoder`.
 
-One loop, no framework. Per step: a batch (a deterministic function of ``(seed, step)``), the
+One loop, no framework. Per step: a batch (a deterministic function of ``(seed, step)``, optionally
+augmented, also as a function of ``(seed, step)``), the
 autoencoder update (L1 + KL/codebook + adaptive-weight hinge GAN once ``disc_start`` is reached), VQ
 dead-code restarts, the EMA update, then the discriminator update. Outputs in ``out_dir``:
 
@@ -53,6 +54,8 @@ from ldmkit.train.losses import FirstStageLoss, LossWeights, PerceptualLoss
 
 __all__ = [
     "AutoencoderDataConfig",
+    "AugmentConfig",
+    "augment_images",
     "AutoencoderTrainConfig",
     "load_train_config",
     "train_autoencoder",
@@ -80,6 +83,17 @@ class AutoencoderDataConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="extra load_dataset arguments, e.g. {n: 8192}")
 
 
+class AugmentConfig(BaseModel):
+    """Per-image augmentations, drawn from ``numpy.random.default_rng([seed, step, 1])`` (resumable)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hflip: bool = Field(False, description="mirror left-right with probability 1/2")
+    channel_permute: bool = Field(
+        False, description="shuffle the RGB channel order: teaches colour-agnostic coding when few sources are seen"
+    )
+
+
 class AutoencoderTrainConfig(BaseModel):
     """Everything :func:`train_autoencoder` needs. Unknown fields are an error."""
 
@@ -87,6 +101,7 @@ class AutoencoderTrainConfig(BaseModel):
 
     model: AutoencoderConfig
     data: AutoencoderDataConfig = Field(default_factory=AutoencoderDataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
 
     steps: int = Field(gt=0, description="optimizer steps in total")
@@ -99,6 +114,7 @@ class AutoencoderTrainConfig(BaseModel):
     final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a fraction of lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the autoencoder gradient norm (off if null)")
 
+    pixel_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss: L1 (reference) or squared error")
     kl_weight: float = Field(1e-6, ge=0, description="KL weight (KL per image value, see ldmkit.train.losses)")
     codebook_weight: float = Field(1.0, ge=0, description="VQ codebook + commitment loss weight")
     disc_start: int = Field(0, ge=0, description="step at which the GAN losses switch on")
@@ -174,7 +190,22 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, _cache: dict[An
     return out
 
 
-def images_to_tensor(images: Sequence[np.ndarray]) -> Tensor:
+def augment_images(images: np.ndarray, cfg: AugmentConfig, seed: int, step: int) -> np.ndarray:
+    """Apply ``cfg`` to a (B, H, W, C) uint8 batch; a pure function of ``(seed, step)`` and the images."""
+    if not (cfg.hflip or cfg.channel_permute):
+        return images
+    rng = np.random.default_rng([seed, step, 1])
+    out = images.copy()
+    if cfg.hflip:
+        flip = rng.random(len(out)) < 0.5
+        out[flip] = out[flip, :, ::-1]
+    if cfg.channel_permute and out.shape[-1] > 1:
+        for i in range(len(out)):
+            out[i] = out[i][..., rng.permutation(out.shape[-1])]
+    return out
+
+
+def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> Tensor:
     """HxWx3 uint8 images -> (B, 3, H, W) float32 in [-1, 1]."""
     arr = np.stack([np.asarray(im) for im in images])
     if arr.ndim != 4 or arr.dtype != np.uint8:
@@ -291,7 +322,8 @@ def train_autoencoder(
     model = Autoencoder(cfg.model)
     disc = NLayerDiscriminator(cfg.discriminator)
     perceptual = PerceptualLoss(cfg.perceptual_weights) if cfg.perceptual_weight > 0 and cfg.perceptual_weights else None
-    weights = LossWeights(cfg.kl_weight, cfg.codebook_weight, cfg.disc_weight, cfg.disc_start, cfg.perceptual_weight)
+    weights = LossWeights(cfg.kl_weight, cfg.codebook_weight, cfg.disc_weight, cfg.disc_start,
+                          cfg.perceptual_weight, cfg.pixel_loss)
     loss_fn = FirstStageLoss(disc, weights, perceptual)
     opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
@@ -309,9 +341,10 @@ def train_autoencoder(
 
     epoch_cache: dict[Any, np.ndarray] = {}
 
-    def batch(step: int) -> Tensor:
+    def batch(step: int, augment: bool = True) -> Tensor:
         idx = batch_indices(step, cfg.batch_size, n, cfg.seed, epoch_cache)
-        return images_to_tensor([dataset[int(i)].image for i in idx])
+        images = np.stack([np.asarray(dataset[int(i)].image) for i in idx])
+        return images_to_tensor(augment_images(images, cfg.augment, cfg.seed, step) if augment else images)
 
     grid_images = images_to_tensor([dataset[i].image for i in range(min(cfg.num_images, n))])
     model.train()
@@ -385,11 +418,11 @@ def train_autoencoder(
 
 
 @torch.no_grad()
-def _estimate_scale(cfg: AutoencoderTrainConfig, model: Autoencoder, batch: Callable[[int], Tensor]) -> float:
+def _estimate_scale(cfg: AutoencoderTrainConfig, model: Autoencoder, batch: Callable[[int, bool], Tensor]) -> float:
     """1/std of the unscaled latents of the first ``scale_batches`` batches (if ``scale_factor='std'``)."""
     if cfg.model.scale_factor != "std":
         return float(model.scale_factor)
-    z = torch.cat([model.encode(batch(i), scaled=False) for i in range(cfg.scale_batches)])
+    z = torch.cat([model.encode(batch(i, False), scaled=False) for i in range(cfg.scale_batches)])
     return model.set_scale_from_std(z)
 
 
