@@ -4,8 +4,9 @@ The autoencoder minimizes
 
     L_AE = L_rec + w_reg * L_reg + lambda * disc_factor * L_G
 
-- ``L_rec``: per-pixel L1 (mean), plus ``perceptual_weight * LPIPS`` when a :class:`PerceptualLoss`
-  with local weights is given;
+- ``L_rec``: per-pixel L1 (mean; ``pixel_loss="l2"`` for the squared error, as the reference's
+  ``pixel_loss`` option), plus ``perceptual_weight * LPIPS`` when a :class:`PerceptualLoss` with local
+  weights is given;
 - ``L_reg``: KL to N(0, I) **per pixel** -- the per-image KL sum divided by the number of image
   values C*H*W -- weighted by ``kl_weight`` (~1e-6), or the VQ codebook + commitment loss weighted by
   ``codebook_weight``. (The reference code sums the L1 over pixels and the KL over latents; dividing both
@@ -32,6 +33,7 @@ from ldmkit.models.autoencoder import AutoencoderOutput
 
 __all__ = [
     "l1_loss",
+    "l2_loss",
     "kl_per_pixel",
     "hinge_d_loss",
     "hinge_g_loss",
@@ -45,6 +47,11 @@ __all__ = [
 def l1_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     """Mean absolute error."""
     return (x - x_hat).abs().mean()
+
+
+def l2_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean squared error."""
+    return (x - x_hat).pow(2).mean()
 
 
 def kl_per_pixel(kl_per_image: Tensor, image: Tensor) -> Tensor:
@@ -90,6 +97,7 @@ class LossWeights:
     disc_weight: float = 0.5
     disc_start: int = 0
     perceptual_weight: float = 0.0
+    pixel_loss: str = "l1"  # "l1" or "l2"
 
 
 class FirstStageLoss(nn.Module):
@@ -103,6 +111,8 @@ class FirstStageLoss(nn.Module):
         super().__init__()
         self.discriminator = discriminator
         self.weights = weights
+        if weights.pixel_loss not in ("l1", "l2"):
+            raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {weights.pixel_loss!r}")
         if weights.perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 needs a PerceptualLoss (built from a local weights file)")
         self.perceptual = perceptual
@@ -117,8 +127,9 @@ class FirstStageLoss(nn.Module):
         """L_AE for one batch; the discriminator is not updated (its grads are not requested)."""
         w = self.weights
         x_hat = out.reconstruction
-        rec = l1_loss(x, x_hat)
-        logs: dict[str, float] = {"l1": float(rec.detach())}
+        l1 = l1_loss(x, x_hat)
+        rec = l1 if w.pixel_loss == "l1" else l2_loss(x, x_hat)
+        logs: dict[str, float] = {"l1": float(l1.detach())}
         if self.perceptual is not None and w.perceptual_weight > 0:
             p = self.perceptual(x, x_hat).mean()
             rec = rec + w.perceptual_weight * p
