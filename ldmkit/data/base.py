@@ -7,12 +7,13 @@ field named by their config's ``key`` (``label``, ``caption``, ``boxes``, ``segm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-__all__ = ["Box", "Sample", "CONDITION_KEYS"]
+__all__ = ["Box", "Sample", "SampleSequence", "CONDITION_KEYS"]
 
 #: The ground-truth fields a Sample may carry, i.e. the batch keys conditioners read.
 CONDITION_KEYS = ("label", "caption", "boxes", "segmentation", "lowres", "mask")
@@ -53,3 +54,28 @@ class Sample:
         if key != "image" and key not in CONDITION_KEYS:
             raise KeyError(f"no field {key!r} in a Sample; allowed: image, {', '.join(CONDITION_KEYS)}")
         return getattr(self, key)
+
+
+class SampleSequence(Sequence[Sample]):
+    """Base of the data sets: ``len()``, integer indexing (negative too) and slices.
+
+    Subclasses implement ``__len__`` and ``_sample(index)`` for ``0 <= index < len(self)``, and name
+    what they hold in ``_noun`` (used in the IndexError message).
+    """
+
+    _noun = "samples"
+
+    def _sample(self, index: int) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self._sample(i) for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} {self._noun}")
+        return self._sample(int(index) % n)

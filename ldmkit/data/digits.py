@@ -10,14 +10,12 @@ to ``eval`` when ``i % 10 == 0`` (180 images), otherwise to ``train`` (1,617); `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
-from typing import overload
 
 import numpy as np
 from PIL import Image
 
-from ldmkit.data.base import Sample
+from ldmkit.data.base import Sample, SampleSequence
 
 __all__ = ["DigitsDataset", "DIGIT_NAMES", "SPLITS"]
 
@@ -37,7 +35,7 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 
 
-class DigitsDataset(Sequence[Sample]):
+class DigitsDataset(SampleSequence):
     """scikit-learn's 8 x 8 digits, upscaled to ``size x size`` RGB (dark ink on white).
 
     Args:
@@ -64,17 +62,10 @@ class DigitsDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} digits")
-        source = int(self.indices[index % n])
+    _noun = "digits"
+
+    def _sample(self, index: int) -> Sample:
+        source = int(self.indices[index])
         ink = self._images[source] / 16.0  # 0 = paper, 1 = full ink
         small = Image.fromarray(ink.astype(np.float32))  # mode "F"
         big = np.asarray(small.resize((self.size, self.size), Image.Resampling.BICUBIC))

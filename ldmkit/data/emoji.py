@@ -28,15 +28,14 @@ from __future__ import annotations
 import os
 import struct
 import unicodedata
-from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ldmkit.data.base import Sample
+from ldmkit.data.base import Sample, SampleSequence
 
 __all__ = ["EmojiDataset", "emoji_codepoints", "find_emoji_font", "DEFAULT_FONT_PATHS", "SPLITS"]
 
@@ -134,7 +133,7 @@ def emoji_codepoints(font_path: str | os.PathLike[str] | None = None, split: str
     return [cp for cp in everything if (cp % 10 == 0) == want_eval]
 
 
-class EmojiDataset(Sequence[Sample]):
+class EmojiDataset(SampleSequence):
     """Noto Color Emoji renders on white, ``size x size`` RGB, captioned with their Unicode names.
 
     Args:
@@ -160,17 +159,9 @@ class EmojiDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.codepoints)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} emoji")
-        index %= n
+    _noun = "emoji"
+
+    def _sample(self, index: int) -> Sample:
         cp = self.codepoints[index]
         char = chr(cp)
         return Sample(

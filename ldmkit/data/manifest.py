@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from ldmkit.data.base import Box, Sample
+from ldmkit.data.base import Box, Sample, SampleSequence
 
 __all__ = [
     "BoxRecord",
@@ -202,7 +201,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class ManifestDataset(Sequence[Sample]):
+class ManifestDataset(SampleSequence):
     """The images of a JSONL manifest with their captions, labels, boxes, segmentations and masks.
 
     Args:
@@ -275,17 +274,9 @@ class ManifestDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.records)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} manifest records")
-        index %= n
+    _noun = "manifest records"
+
+    def _sample(self, index: int) -> Sample:
         number, record = self.records[index]
         where = f"{self.path}:{number}"
 
@@ -342,7 +333,7 @@ class ManifestDataset(Sequence[Sample]):
         return f"ManifestDataset({str(self.path)!r}, size={self.size}, fit={self.fit!r}, n={len(self)})"
 
 
-class FolderDataset(Sequence[Sample]):
+class FolderDataset(SampleSequence):
     """Every image file in a folder (sorted by relative path), with no ground truth.
 
     Args:
@@ -377,17 +368,10 @@ class FolderDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.files)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        file = self.files[index % n]
+    _noun = "images"
+
+    def _sample(self, index: int) -> Sample:
+        file = self.files[index]
         try:
             image = _open(file)
         except (OSError, UnidentifiedImageError) as err:

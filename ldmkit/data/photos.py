@@ -21,15 +21,14 @@ Label: the photograph's index in :data:`PHOTOS`. Caption: a short description of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import overload
 
 import numpy as np
 from PIL import Image
 
-from ldmkit.data.base import Sample
+from ldmkit.data.base import Sample, SampleSequence
 
 __all__ = ["PhotosDataset", "Photo", "PHOTOS", "EVAL_PHOTOS", "SPLITS", "load_photo"]
 
@@ -119,7 +118,7 @@ def _crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int, f
     return np.asarray(pil, dtype=np.uint8)
 
 
-class PhotosDataset(Sequence[Sample]):
+class PhotosDataset(SampleSequence):
     """Crops of real photographs; train and eval never share a source photograph.
 
     Args:
@@ -152,16 +151,9 @@ class PhotosDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return self.n
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -self.n <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} photo crops")
-        index %= self.n
+    _noun = "photo crops"
+
+    def _sample(self, index: int) -> Sample:
         if self.split == "eval":
             photo_id, box, flip = self._eval_crop(index)
         else:
