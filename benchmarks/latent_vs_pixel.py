@@ -26,7 +26,6 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 UNET = {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_levels": [1], "num_heads": 4}

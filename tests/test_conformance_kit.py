@@ -8,7 +8,7 @@ from torch import nn
 
 from ldmkit import ConditionOutput, Route
 from ldmkit.testing import CHECKS, ConformanceError, check_conditioner, conformance_tests
-from toys import LEVEL, MAP, WORDS, Level, LevelConfig, Words
+from toys import LEVEL, MAP, WORDS, Level, LevelConfig
 
 INVALID = {"words": [[], [99], "abc"], "map": ["x", [[1.0]]], "level": ["high", None, True]}
 
