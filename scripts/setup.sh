@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
   echo "[setup] installing Debian package fonts-noto-color-emoji"
-  ($SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null) \
+  ($SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null) \
     || echo "[setup] warning: could not install fonts-noto-color-emoji; the emoji data set will be unavailable" >&2
 fi
 
