@@ -170,6 +170,12 @@ def test_scale_factor_from_std_and_fixed() -> None:
     assert "scale_factor" in dict(fixed.named_buffers())
 
 
+def test_norm_none_builds_without_groupnorm() -> None:
+    ae = Autoencoder(tiny(norm="none", ch=6))  # norm_groups need not divide the channels then
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in ae.modules())
+    assert tuple(ae(torch.zeros(1, 3, 16, 16)).reconstruction.shape) == (1, 3, 16, 16)
+
+
 def test_freeze_keeps_eval_mode_and_no_grads() -> None:
     ae = Autoencoder(tiny(dropout=0.1)).freeze()
     parent = torch.nn.Sequential(ae)

@@ -78,6 +78,12 @@ class AutoencoderConfig(BaseModel):
     attn_resolutions: list[int] = Field(default_factory=list, description="feature sizes with self-attention")
     mid_attention: bool = Field(True, description="self-attention block in the middle of encoder and decoder")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ResNet blocks")
+    norm: Literal["group", "none"] = Field(
+        "group",
+        description="normalization in the blocks: GroupNorm (reference) or none. GroupNorm normalizes every "
+        "image by its own statistics, so small models trained briefly are slow to learn absolute colour; "
+        "'none' learns colour much faster (used by the photos recipe)",
+    )
     norm_groups: int = Field(8, gt=0, description="GroupNorm groups; must divide every channel count (reference: 32)")
     z_channels: int = Field(3, gt=0, description="channels at the encoder output / decoder input")
     embed_dim: int = Field(3, gt=0, description="latent channels C (after quant_conv)")
@@ -118,7 +124,7 @@ class AutoencoderConfig(BaseModel):
                 f"(resolution={self.resolution}, ch_mult={self.ch_mult})"
             )
         channels = {self.ch * m for m in self.ch_mult}
-        bad_ch = sorted(c for c in channels if c % self.norm_groups)
+        bad_ch = sorted(c for c in channels if c % self.norm_groups) if self.norm == "group" else []
         if bad_ch:
             raise ValueError(
                 f"norm_groups={self.norm_groups} must divide every channel count ch*ch_mult = "
@@ -137,14 +143,19 @@ class AutoencoderConfig(BaseModel):
 # Building blocks
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int | None) -> nn.Module:
+    """GroupNorm(groups) as in the reference, or no normalization when ``groups`` is None."""
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True) if groups else nn.Identity()
+
+
+def _groups(cfg: AutoencoderConfig) -> int | None:
+    return cfg.norm_groups if cfg.norm == "group" else None
 
 
 class ResnetBlock(nn.Module):
     """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a (1x1) shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, dropout: float, groups: int):
+    def __init__(self, c_in: int, c_out: int, dropout: float, groups: int | None):
         super().__init__()
         self.norm1 = _norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -162,7 +173,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1 convolutions for q, k, v and the output."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int | None):
         super().__init__()
         self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
@@ -225,9 +236,10 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     def __init__(self, channels: int, cfg: AutoencoderConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
-        self.attn_1 = AttnBlock(channels, cfg.norm_groups) if cfg.mid_attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
+        g = _groups(cfg)
+        self.block_1 = ResnetBlock(channels, channels, cfg.dropout, g)
+        self.attn_1 = AttnBlock(channels, g) if cfg.mid_attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, cfg.dropout, g)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -238,7 +250,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig, out_channels: int):
         super().__init__()
-        g = cfg.norm_groups
+        g = _groups(cfg)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         c_in, res = cfg.ch, cfg.resolution
@@ -273,7 +285,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        g = cfg.norm_groups
+        g = _groups(cfg)
         c = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _Mid(c, cfg)
