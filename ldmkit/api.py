@@ -94,7 +94,7 @@ def recon_generator(model: Any, batch_size: int = 64) -> ReconGenerator:
 class DiffusionGenerator:
     """Samples one image per condition, passing every condition key the model accepts."""
 
-    def __init__(self, model: Any, *, sampler: str = "ddim", steps: int = 50, guidance: float | Mapping[str, float] = 1.0,
+    def __init__(self, model: Any, *, sampler: str = "ddim", steps: int = 50, guidance: float | Mapping[str, float] | None = None,
                  seed: int = 0, batch_size: int = 64, unconditional: bool = False):
         self.model = model
         self.sampler = sampler

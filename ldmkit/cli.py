@@ -291,10 +291,10 @@ def _model_generator(args: argparse.Namespace):
                                seed=args.seed, unconditional=args.suite == "shapes-uncond")
 
 
-def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float]:
-    """``["3"]`` → 3.0 (joint); ``["class=3", "text=5"]`` → per-conditioner scales."""
+def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | None:
+    """``["3"]`` → 3.0 (joint); ``["class=3", "text=5"]`` → per-conditioner scales; none → the model's default."""
     if not items:
-        return 1.0
+        return None
     if len(items) == 1 and "=" not in items[0]:
         return _number(items[0], "--guidance")
     scales = {}
@@ -386,6 +386,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for key, values in batch.items():  # validate the values before any sampling
         model.stack.conditioners[model.stack.accepted_keys()[key]].prepare(values)
     guidance = _parse_guidance(args.guidance)
+    if guidance is None:  # the model's default, written out so that the JSON reproduces the image
+        guidance = model.config.guidance
     images = tensor_to_images(model.sample(batch or None, n=None if batch else args.n, guidance=guidance,
                                            sampler=args.sampler, steps=args.steps, seed=args.seed,
                                            height=args.height, width=args.width))
@@ -484,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffled", action="store_true", help="score each condition against another scene's image (the floor)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default 1)")
+    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -499,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images from a diffusion model")
     p.add_argument("model", help="checkpoint path or zoo:NAME")
     p.add_argument("--cond", action="append", metavar="KEY=VALUE", help="a condition for every image; @path for files")
-    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default 1)")
+    p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

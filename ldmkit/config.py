@@ -129,6 +129,11 @@ class LatentDiffusionConfig(BaseModel):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
+    guidance: float | dict[str, float] = Field(
+        default=1.0,
+        description="classifier-free guidance used when the caller gives none: one scale (joint) or "
+        "{conditioner name: scale}; 1 is no guidance. Zoo models store the scale their eval was run with",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> "LatentDiffusionConfig":

@@ -126,6 +126,10 @@ def test_file_roundtrip_and_sampling(ae_path, tmp_path):
     assert a.shape == (2, 3, 32, 32) and torch.allclose(a, b, atol=1e-5)
     c = again.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 3.0, "class_vec": 0.0})
     assert not torch.allclose(a, c)
+    # the model's default guidance (config.guidance) is used when the caller gives none, and is saved
+    model.config.guidance = {"class": 3.0, "class_vec": 0.0}
+    d = load_ldm(save_ldm(model, tmp_path / "g.safetensors")).sample({"label": [1, 2]}, steps=3, seed=5)
+    assert torch.allclose(c, d, atol=1e-5)
     big = again.sample({"label": [1]}, steps=2, seed=0, height=64, width=64)  # convolutional sampling
     assert big.shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="accepts: label"):

@@ -158,7 +158,7 @@ class LatentDiffusion(nn.Module):
         conditions: Mapping[str, Sequence[Any]] | None = None,
         *,
         n: int | None = None,
-        guidance: float | Mapping[str, float] = 1.0,
+        guidance: float | Mapping[str, float] | None = None,
         negative: Mapping[str, Sequence[Any]] | None = None,
         sampler: str = "ddim",
         steps: int = 50,
@@ -172,10 +172,13 @@ class LatentDiffusion(nn.Module):
 
         ``conditions`` maps batch keys (``label``, ``caption``, ...) to one value per image; keys left
         out are unconditional (their nulls). ``guidance`` is one scale (joint form) or
-        ``{conditioner name: scale}`` (per-conditioner form). ``height``/``width`` larger than the
+        ``{conditioner name: scale}`` (per-conditioner form); ``None`` uses the model's default
+        (``config.guidance``). ``height``/``width`` larger than the
         training size sample convolutionally (paper §4.3.2).
         """
         conditions = self.check_conditions(conditions or {})
+        if guidance is None:
+            guidance = self.config.guidance
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
         sizes = {len(v) for v in conditions.values()}
