@@ -142,9 +142,9 @@ def _quickstart_data(args: argparse.Namespace) -> None:
 def _quickstart_autoencoders(args: argparse.Namespace) -> None:
     """Reconstructions of held-out scenes by every zoo autoencoder, side by side, with their PSNR."""
     import numpy as np
-    from PIL import Image
 
     from ldmkit.api import load, model_kind
+    from ldmkit.data.preview import image_rows
     from ldmkit.data.shapes import ShapesWorld
     from ldmkit.metrics.image import psnr
     from ldmkit.models.ldm import images_to_tensor, tensor_to_images
@@ -165,15 +165,46 @@ def _quickstart_autoencoders(args: argparse.Namespace) -> None:
         rows.append(rec)
         z = model.latent_shape(32, 32)
         print(f"zoo:{name:<16} 32x32x3 -> latent {z[1]}x{z[2]}x{z[0]}   PSNR on these 8: {psnr(rec, originals):.1f} dB")
-    gap = 2
-    h, w = originals.shape[1:3]
-    grid = np.full((len(rows) * (h + gap) + gap, 8 * (w + gap) + gap, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            grid[gap + r * (h + gap): gap + r * (h + gap) + h, gap + c * (w + gap): gap + c * (w + gap) + w] = im
     path = Path(args.out) / "reconstructions.png"
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+    image_rows(rows, ["original", *names], scale=4).save(path)
     print(f"wrote {path} (top row: originals; then one row per autoencoder: {', '.join(names)})")
+
+
+def _quickstart_diffusion(args: argparse.Namespace) -> None:
+    """Samples from every zoo diffusion model: one row per class for class-conditional ones."""
+    import time
+
+    from ldmkit.api import load, model_kind
+    from ldmkit.data.preview import image_rows
+    from ldmkit.data.shapes import NUM_CLASSES, class_name
+    from ldmkit.models.ldm import tensor_to_images
+    from ldmkit.zoo import card, list_zoo
+
+    names = [n for n in list_zoo() if model_kind(f"zoo:{n}") == "latent_diffusion"]
+    print("\n== latent diffusion: samples from the zoo (DDIM, 50 steps) ==")
+    if not names:
+        print("(no diffusion model in the zoo yet)")
+        return
+    for name in names:
+        model = load(f"zoo:{name}")
+        keys = model.stack.accepted_keys()
+        start = time.perf_counter()
+        if "label" in keys:  # class-conditional: one row per class, at the model's default guidance
+            per_class = 6
+            labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
+            images = tensor_to_images(model.sample({"label": labels}, sampler="ddim", steps=50, seed=0))
+            rows = [images[c * per_class:(c + 1) * per_class] for c in range(NUM_CLASSES)]
+            row_labels = [f"{c:2d} {' '.join(reversed(class_name(c)))}" for c in range(NUM_CLASSES)]
+            what = f"label=0..{NUM_CLASSES - 1}, guidance {model.config.guidance}"
+        else:
+            images = tensor_to_images(model.sample(None, n=32, sampler="ddim", steps=50, seed=0))
+            rows, row_labels, what = [images[:16], images[16:]], None, "unconditional"
+        path = Path(args.out) / f"samples-{name}.png"
+        image_rows(rows, row_labels, scale=3).save(path)
+        metrics = card(name).get("eval", {}).get("metrics", {})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
+              + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
 
 
 def torch_inference():
@@ -183,7 +214,8 @@ def torch_inference():
 
 
 #: The quickstart's later steps: data, then what each stage adds (autoencoders, diffusion).
-_QUICKSTART_STEPS: list[Callable[[argparse.Namespace], int | None]] = [_quickstart_data, _quickstart_autoencoders]
+_QUICKSTART_STEPS: list[Callable[[argparse.Namespace], int | None]] = [
+    _quickstart_data, _quickstart_autoencoders, _quickstart_diffusion]
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 from ldmkit.data import load_dataset
 from ldmkit.data.base import Box, Sample
 from ldmkit.data.manifest import ManifestDataset
-from ldmkit.data.preview import colorize_segmentation, export, preview_grid
+from ldmkit.data.preview import colorize_segmentation, export, image_rows, preview_grid
 from ldmkit.data.shapes import ShapesWorld
 
 
@@ -135,3 +135,18 @@ def test_preview_argument_errors() -> None:
     with pytest.raises(ValueError, match="scale must be an integer in 1..32"):
         preview_grid(one, scale=0)
     assert colorize_segmentation(np.arange(6).reshape(2, 3)).shape == (2, 3, 3)
+
+
+def test_image_rows_lays_out_labelled_rows_and_rejects_mixed_sizes():
+    a = np.zeros((3, 8, 8, 3), np.uint8)
+    b = np.full((2, 8, 8, 3), 255, np.uint8)
+    sheet = np.asarray(image_rows([a, b], ["zeros", "ones"], scale=2))
+    unlabelled = np.asarray(image_rows([a, b], scale=2))
+    assert sheet.shape[0] == unlabelled.shape[0] and sheet.shape[1] > unlabelled.shape[1]  # room for labels
+    # the first row holds three black 16x16 cells, the second two white ones and white after them
+    assert (unlabelled[6:22, 6:22] == 0).all() and (unlabelled[6:22, 46:62] == 0).all()
+    assert (unlabelled[26:42, 46:62] == 255).all()
+    with pytest.raises(ValueError, match="one size"):
+        image_rows([a, np.zeros((1, 4, 4, 3), np.uint8)])
+    with pytest.raises(ValueError, match="2 labels for 1 rows"):
+        image_rows([a], ["x", "y"])

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from ldmkit.data.base import Sample
 from ldmkit.data.manifest import ManifestRecord, _format_validation_error
 
-__all__ = ["preview_grid", "export", "colorize_segmentation", "segmentation_palette"]
+__all__ = ["preview_grid", "image_rows", "export", "colorize_segmentation", "segmentation_palette"]
 
 _MARGIN = 6  # pixels between cells and around the grid
 _GAP = 4  # pixels between an image and its panel column, and between panels
@@ -85,6 +85,37 @@ def _check_image(sample: Any, index: int) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"sample {index}: image must be H x W x 3 uint8; got {image.shape} {image.dtype}")
     return image
+
+
+def image_rows(rows: list[np.ndarray], labels: list[str] | None = None, *, scale: int = 4) -> Image.Image:
+    """Rows of equally sized ``H x W x 3`` uint8 images, upscaled ``scale`` times, each row labelled on the left.
+
+    ``rows[r]`` is an array ``(n_r, H, W, 3)`` (or a list of images); ``labels[r]`` is written before it.
+    Used for reconstruction and sample sheets (one row per model, per class, per sampler ...).
+    """
+    if not rows:
+        raise ValueError("rows is empty; nothing to draw")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"{len(labels)} labels for {len(rows)} rows")
+    if not isinstance(scale, int) or isinstance(scale, bool) or not 1 <= scale <= 32:
+        raise ValueError(f"scale must be an integer in 1..32; got {scale!r}")
+    rows = [np.asarray(r) for r in rows]
+    shapes = {r.shape[1:] for r in rows}
+    if len(shapes) != 1 or any(r.ndim != 4 or r.shape[-1] != 3 or r.dtype != np.uint8 for r in rows):
+        raise ValueError(f"every row must be (n, H, W, 3) uint8 images of one size; got {[r.shape for r in rows]}")
+    h, w = (d * scale for d in rows[0].shape[1:3])
+    font = ImageFont.load_default()
+    label_w = int(max((font.getlength(t) for t in labels or []), default=0)) + (_MARGIN if labels else 0)
+    ncols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (label_w + ncols * (w + _GAP) + _MARGIN * 2 - _GAP, len(rows) * (h + _GAP) + _MARGIN * 2 - _GAP), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = _MARGIN + r * (h + _GAP)
+        if labels:
+            draw.text((_MARGIN, y + h // 2 - 6), labels[r], fill="black", font=font)
+        for c, im in enumerate(row):
+            sheet.paste(_upscale(im, (w, h)), (_MARGIN + label_w + c * (w + _GAP), y))
+    return sheet
 
 
 def preview_grid(
