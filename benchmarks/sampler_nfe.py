@@ -1,7 +1,7 @@
 """Fidelity against the number of UNet evaluations (NFE), for every sampler.
 
 Usage: python benchmarks/sampler_nfe.py [--model zoo:shapes-class] [--suite shapes-class] [--n 128]
-       [--steps 5 10 20 50] [--samplers ddpm ddim plms dpmpp_2m] [--guidance 1]
+       [--steps 5 10 20 50] [--samplers ddpm ddim plms dpmpp_2m] [--guidance S]
 
 For each sampler and step count it generates one image per held-out condition of the suite (the same
 conditions and seeds for every sampler) and scores them with the suite's metrics; NFE is counted by
@@ -29,13 +29,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim", "plms", "dpmpp_2m"])
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (config.guidance)")
     args = p.parse_args()
     import ldmkit
     from ldmkit.api import DiffusionGenerator
     from ldmkit.evaluate import run_suite
 
     model = ldmkit.load(args.model)
+    if args.guidance is None:
+        args.guidance = model.config.guidance
     calls = {"n": 0}
     forward = model.unet.forward
 
