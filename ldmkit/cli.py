@@ -373,6 +373,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A model file from a diffusion training checkpoint (stop a run early and keep its EMA weights)."""
+    from ldmkit.train.diffusion import export_model
+
+    path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance))
+    print(f"wrote {path}")
+    return 0
+
+
 # -- sample -----------------------------------------------------------------------------------
 def _parse_value(text: str) -> Any:
     """``@file`` loads a file (PNG → array, JSON → object); JSON literals parse; anything else is a string."""
@@ -529,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a model file from a diffusion training checkpoint (last.safetensors)")
+    p.add_argument("checkpoint", help="RUN_DIR/last.safetensors")
+    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    p.add_argument("--guidance", nargs="*", default=None, help="store this default guidance: SCALE or NAME=SCALE ...")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="generate images from a diffusion model")
     p.add_argument("model", help="checkpoint path or zoo:NAME")

@@ -11,8 +11,8 @@ import torch
 from ldmkit.config import load_config
 from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig, save_autoencoder
 from ldmkit.models.ldm import LatentDiffusion, load_ldm, save_ldm
-from ldmkit.train.checkpoint import load_checkpoint
-from ldmkit.train.diffusion import DiffusionTrainConfig, train_diffusion
+from ldmkit.train.checkpoint import CheckpointError, load_checkpoint
+from ldmkit.train.diffusion import DiffusionTrainConfig, export_model, train_diffusion
 
 TINY_AE = dict(kind="kl", resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
                z_channels=3, embed_dim=3, norm_groups=4)
@@ -70,6 +70,14 @@ def test_resume_reproduces_the_uninterrupted_run(ae_path, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # exporting the last checkpoint gives the final model file's weights, with a chosen default guidance
+    exported = load_ldm(export_model(tmp_path / "part/last.safetensors", tmp_path / "exp.safetensors", guidance=2.5))
+    final = load_ldm(tmp_path / "full/model.safetensors")
+    assert exported.config.guidance == 2.5 and final.config.guidance == 1.0
+    for (k, v), w in zip(final.unet.state_dict().items(), exported.unet.state_dict().values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(CheckpointError, match="not a diffusion training checkpoint"):
+        export_model(tmp_path / "full/model.safetensors", tmp_path / "bad.safetensors")
 
 
 def test_refuses_to_overwrite_or_resume_a_different_recipe(ae_path, tmp_path):
@@ -91,10 +99,10 @@ def test_two_process_ddp_equals_one_process(ae_path, tmp_path):
     script.write_text(
         "import sys, torch\n"
         "import torch.distributed as dist\n"
-        "from ldmkit.train.diffusion import DiffusionTrainConfig, train_diffusion\n"
+        "from ldmkit.train.diffusion import DiffusionTrainConfig, export_model, train_diffusion\n"
         "cfg = DiffusionTrainConfig.model_validate_json(open(sys.argv[1]).read())\n"
         "train_diffusion(cfg, progress=False)\n"
-        "from ldmkit.train.checkpoint import load_checkpoint\n"
+        "from ldmkit.train.checkpoint import CheckpointError, load_checkpoint\n"
         "ck = load_checkpoint(cfg.out_dir + '/last.safetensors')\n"
         "w = torch.cat([v.flatten().float() for k, v in sorted(ck.tensors.items()) if k.startswith('model.')])\n"
         "dist.init_process_group('gloo') if not dist.is_initialized() else None\n"

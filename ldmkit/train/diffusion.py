@@ -344,6 +344,29 @@ def train_diffusion(
     return final
 
 
+def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = True,
+                 guidance: float | dict[str, float] | None = None) -> Path:
+    """Write a model file (as training's final ``model.safetensors``) from a training checkpoint.
+
+    For stopping a run early and keeping what it has learnt: the weights are the checkpoint's EMA
+    weights (or the raw ones with ``use_ema=False``); ``guidance`` sets the model's default guidance
+    (``config.guidance``). The recipe's autoencoder is loaded to be bundled as training does.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
+        raise CheckpointError(f"{checkpoint} is not a diffusion training checkpoint")
+    cfg = DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
+    if guidance is not None:
+        cfg.model.guidance = guidance
+    prefix = "ema." if use_ema else "model."
+    if use_ema and not ckpt.subset("ema."):
+        raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema: null); use use_ema=False")
+    model = LatentDiffusion(cfg.model, load_first_stage(cfg.model.autoencoder))
+    _load_trainable(model, ckpt, prefix)
+    step = int(ckpt.metadata["ldmkit.step"])
+    return save_ldm(model.eval(), out, dtype=cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step})
+
+
 def _save_state(path: Path, cfg: DiffusionTrainConfig, step: int, model: LatentDiffusion, ema: _EMA | None,
                 opt: torch.optim.Optimizer) -> None:
     tensors = _trainable_tensors(model, "model.")
