@@ -276,7 +276,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 # -- eval -------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ldmkit.evaluate import SUITES, run_suite
+    from ldmkit.evaluate import SUITES, run_suite, suite_size
 
     if args.suite not in SUITES:
         raise ValueError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
@@ -296,11 +296,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         progress=not args.json)
     if generate is not None and hasattr(generate, "extra_metrics"):
         metrics.update(generate.extra_metrics())
-    result = {"suite": args.suite, "model": args.model, "n": args.n, "metrics": metrics}
+    n = suite_size(args.suite, args.n, args.seed, args.size)  # what was scored (recon-photos caps n)
+    result = {"suite": args.suite, "model": args.model, "n": n, "metrics": metrics}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"suite {args.suite}  model {args.model or mode}  n={args.n}")
+        print(f"suite {args.suite}  model {args.model or mode}  n={n}")
         for k, v in metrics.items():
             print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
     return 0
@@ -383,18 +384,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # -- sample -----------------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    """``@file`` loads a file (PNG → array, JSON → object); JSON literals parse; anything else is a string."""
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def _parse_value(text: str, key: str = "value") -> Any:
+    """``@file`` loads a file (image → array, ``.json`` → object); JSON literals parse; anything else is a string."""
     if text.startswith("@"):
         path = Path(text[1:])
         if not path.is_file():
-            raise ValueError(f"{text}: no such file")
-        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"}:
+            raise ValueError(f"{key}={text}: no such file")
+        suffix = path.suffix.lower()
+        if suffix in _IMAGE_SUFFIXES:
             import numpy as np
-            from PIL import Image
+            from PIL import Image, UnidentifiedImageError
 
-            return np.asarray(Image.open(path))
-        return json.loads(path.read_text())
+            try:
+                return np.asarray(Image.open(path))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ValueError(f"{key}={text}: not a readable image ({exc})") from None
+        if suffix != ".json":
+            raise ValueError(
+                f"{key}={text}: files must be images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or .json, not {suffix or 'no suffix'!r}"
+            )
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{key}={text}: not valid JSON ({exc})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -413,24 +428,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     model = load(args.model)
-    conds: dict[str, Any] = {}
     accepted = sorted(model.stack.accepted_keys())
-    for item in args.cond or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--cond {item!r}: use KEY=VALUE; this model accepts: {', '.join(accepted) or '(none)'}")
-        if key in conds:
-            raise ValueError(f"--cond {key} given twice")
-        conds[key] = _parse_value(value)
-    batch = {k: [v] * args.n for k, v in conds.items()}
-    model.check_conditions(batch)
-    for key, values in batch.items():  # validate the values before any sampling
-        model.stack.conditioners[model.stack.accepted_keys()[key]].prepare(values)
+    raw: dict[str, dict[str, str]] = {"--cond": {}, "--negative": {}}
+    batches: dict[str, dict[str, list[Any]]] = {}
+    for flag, items in (("--cond", args.cond), ("--negative", args.negative)):
+        for item in items or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{flag} {item!r}: use KEY=VALUE; this model accepts: {', '.join(accepted) or '(none)'}")
+            if key in raw[flag]:
+                raise ValueError(f"{flag} {key} given twice")
+            raw[flag][key] = value
+        values = {k: _parse_value(v, f"{flag} {k}") for k, v in raw[flag].items()}
+        batch = model.check_conditions({k: [v] * args.n for k, v in values.items()})
+        for key, column in batch.items():  # validate the values before any sampling
+            for name in model.stack.accepted_keys()[key]:
+                model.stack.conditioners[name].prepare(column)
+        batches[flag] = batch
+    batch, negative = batches["--cond"], batches["--negative"]
     guidance = _parse_guidance(args.guidance)
     if guidance is None:  # the model's default, written out so that the JSON reproduces the image
         guidance = model.config.guidance
     images = tensor_to_images(model.sample(batch or None, n=None if batch else args.n, guidance=guidance,
-                                           sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                           negative=negative or None, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                            height=args.height, width=args.width))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +458,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         Image.fromarray(im).save(out / f"{i:04d}.png")
         record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "sampler": args.sampler,
                   "steps": args.steps, "guidance": guidance, "height": args.height, "width": args.width,
-                  "conditions": {k: (v if not hasattr(v, "tolist") else f"@{k}") for k, v in conds.items()},
+                  "conditions": {k: _parse_value(v) if not v.startswith("@") else v for k, v in raw["--cond"].items()},
+                  "negative": {k: _parse_value(v) if not v.startswith("@") else v for k, v in raw["--negative"].items()},
                   "command": "ldmkit " + " ".join(sys.argv[1:])}
         (out / f"{i:04d}.json").write_text(json.dumps(record, indent=2) + "\n")
     cols = min(8, len(images))
@@ -549,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images from a diffusion model")
     p.add_argument("model", help="checkpoint path or zoo:NAME")
     p.add_argument("--cond", action="append", metavar="KEY=VALUE", help="a condition for every image; @path for files")
+    p.add_argument("--negative", action="append", metavar="KEY=VALUE",
+                   help="a negative condition: used instead of the null in guidance's baseline (steer away from it)")
     p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
     p.add_argument("--steps", type=int, default=50)

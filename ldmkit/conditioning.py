@@ -240,9 +240,17 @@ class ConditioningStack(nn.Module):
         """Parameters the optimizer should see: frozen conditioners' parameters are left out."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def accepted_keys(self) -> dict[str, str]:
-        """``{batch key: conditioner name}`` for every conditioner."""
-        return {c.key: c.name for c in self.conditioners.values()}
+    def accepted_keys(self) -> dict[str, list[str]]:
+        """``{batch key: [names of the conditioners that read it]}`` (several may read one key)."""
+        keys: dict[str, list[str]] = {}
+        for c in self.conditioners.values():
+            keys.setdefault(c.key, []).append(c.name)
+        return keys
+
+    def names_for(self, keys: Iterable[str]) -> list[str]:
+        """The conditioners that read any of ``keys``, in stack order."""
+        wanted = set(keys)
+        return [c.name for c in self.conditioners.values() if c.key in wanted]
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(

@@ -144,6 +144,34 @@ def test_file_roundtrip_and_sampling(ae_path, tmp_path):
         again.sample({"caption": ["a red circle"]}, steps=2)
 
 
+def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model.stack.accepted_keys() == {"label": ["class", "class_vec"]}
+    only_tokens = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 3.0, "class_vec": 0.0})
+    only_vector = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 0.0, "class_vec": 3.0})
+    neither = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 0.0, "class_vec": 0.0})
+    assert not torch.allclose(only_tokens, neither) and not torch.allclose(only_vector, neither)
+    # a negative condition with no positive one steers away from it (it replaces the null baseline)
+    uncond = model.sample(None, n=2, steps=3, seed=5)
+    away = model.sample(None, n=2, steps=3, seed=5, negative={"label": [1, 1]}, guidance=3.0)
+    assert not torch.allclose(uncond, away)
+
+
+def test_explicit_guidance_for_a_condition_not_given_is_an_error(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    cfg.conditioning.conditioners[1].key = "other"
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
+    with pytest.raises(ValueError, match="'class_vec'.*other"):
+        model.sample({"label": [1]}, steps=2, guidance={"class": 2.0, "class_vec": 2.0})
+    model.config.guidance = {"class": 2.0, "class_vec": 2.0}  # a stored default is applied to what is given
+    assert model.sample({"label": [1]}, steps=2).shape == (1, 3, 32, 32)
+
+
 def test_loading_without_the_plugin_is_a_clear_error(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
     path = save_ldm(LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))), tmp_path / "m.safetensors")
@@ -169,6 +197,16 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
     assert again.returncode == 0
     assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()
+    # file values (@path) are read, recorded by path, and bad files are named
+    (tmp_path / "label.json").write_text("4")
+    (tmp_path / "label.npy").write_bytes(b"\x93NUMPY")
+    at = run("--cond", f"label=@{tmp_path / 'label.json'}", "--negative", "label=2", "--guidance", "3",
+             "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o3"))
+    assert at.returncode == 0, at.stderr
+    meta = json.loads((tmp_path / "o3/0000.json").read_text())
+    assert meta["conditions"] == {"label": f"@{tmp_path / 'label.json'}"} and meta["negative"] == {"label": 2}
+    bad = run("--cond", f"label=@{tmp_path / 'label.npy'}", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "--cond label" in bad.stderr and ".json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_pipeline_call_returns_pil_images(ae_path, tmp_path):

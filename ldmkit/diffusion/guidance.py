@@ -169,14 +169,11 @@ class GuidedDenoiser:
 
         Only the conditioners whose key is in the batch are encoded.
         """
-        keys = stack.accepted_keys()
         with torch.no_grad():
-            outputs = stack.encode(batch, names=[n for k, n in keys.items() if k in batch], device=device)
+            outputs = stack.encode(batch, names=stack.names_for(batch), device=device)
             negative = None
             if negative_batch is not None:
-                negative = stack.encode(
-                    negative_batch, names=[n for k, n in keys.items() if k in negative_batch], device=device
-                )
+                negative = stack.encode(negative_batch, names=stack.names_for(negative_batch), device=device)
         return cls(unet_fn, stack, outputs, scales, negative_outputs=negative, always=always)
 
     @property

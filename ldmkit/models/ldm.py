@@ -177,6 +177,7 @@ class LatentDiffusion(nn.Module):
         training size sample convolutionally (paper §4.3.2).
         """
         conditions = self.check_conditions(conditions or {})
+        explicit_guidance = guidance is not None
         if guidance is None:
             guidance = self.config.guidance
         if sampler not in SAMPLERS:
@@ -199,13 +200,12 @@ class LatentDiffusion(nn.Module):
         x_T = torch.randn(shape, generator=generator).to(device)
         model_fn: Callable[[Tensor, Tensor], Tensor]
         if self.stack.names:
-            names = [self.stack.accepted_keys()[k] for k in conditions]
-            outputs = self.stack.encode(conditions, names=names, device=device)
+            outputs = self.stack.encode(conditions, names=self.stack.names_for(conditions), device=device)
             neg = None
             if negative:
                 negative = self.check_conditions(negative)
-                neg = self.stack.encode(negative, names=[self.stack.accepted_keys()[k] for k in negative], device=device)
-            if not outputs:  # fully unconditional: the null of every conditioner
+                neg = self.stack.encode(negative, names=self.stack.names_for(negative), device=device)
+            if not outputs and not neg:  # fully unconditional: the null of every conditioner
                 outputs = {}
                 cond = self.stack.compose(self.stack.nulls(b), {n: True for n in self.stack.names})
 
@@ -220,6 +220,13 @@ class LatentDiffusion(nn.Module):
                         raise ValueError(
                             f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
                             f"this model has: {', '.join(self.stack.names)}"
+                        )
+                    ungiven = [k for k in scales if k not in outputs and scales[k] != 0]
+                    if explicit_guidance and ungiven:
+                        keys = {self.stack.conditioners[k].key for k in ungiven}
+                        raise ValueError(
+                            f"guidance for {', '.join(map(repr, ungiven))}, but no value was given for the key(s) "
+                            f"{', '.join(sorted(keys))} they read; give those conditions or drop their scales"
                         )
                     for name in outputs:
                         scales.setdefault(name, 1.0)

@@ -150,7 +150,7 @@ class _Data:
                 value = s.get(k)
                 if value is None:
                     raise ValueError(f"data set {cfg.data.name!r} has no {k!r} for sample {len(images) - 1}, "
-                                     f"which conditioner {model.stack.accepted_keys()[k]!r} reads")
+                                     f"which {', '.join(model.stack.accepted_keys()[k])} read(s)")
                 conds[k].append(value)
         self.images = np.stack(images)
         self.conditions = conds
