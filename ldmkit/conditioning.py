@@ -334,7 +334,6 @@ class ConditioningStack(nn.Module):
     def _combine(self, final: dict[str, ConditionOutput], batch_size: int) -> StackOutput:
         result = StackOutput()
         tokens, masks, channels, vectors = [], [], [], []
-        latent = None
         for name, c in self.conditioners.items():
             out = final[name]
             expected = c.output_shape(batch_size)
@@ -346,9 +345,7 @@ class ConditioningStack(nn.Module):
             if c.route is Route.TOKENS:
                 tokens.append(self.token_proj[name](out.value))
                 masks.append(out.mask)
-            elif c.route is Route.CHANNELS:
-                if latent is None:
-                    latent = tuple(out.value.shape[-2:])
+            elif c.route is Route.CHANNELS:  # the declared shape includes the latent size: checked above
                 channels.append(out.value)
             else:
                 vectors.append(self.vector_proj[name](out.value))
