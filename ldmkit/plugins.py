@@ -3,7 +3,8 @@
 Nothing is loaded at import time. :func:`get_plugin_manager` builds the manager on first use: it reads
 the ``ldmkit`` entry-point group and loads each entry point on its own, so that a plugin which fails
 to import, or whose hook violates the spec, is recorded as ``failed`` with its error while the others
-keep working. Environment variables:
+keep working. A plugin that implements no ldmkit hook, or an unknown (e.g. misspelled) ``ldmkit_*`` hook,
+is failed too, rather than listed ``active`` with nothing in it. Environment variables:
 
 - ``LDMKIT_DISABLE_PLUGINS=a,b``: do not load these plugins (by entry-point or distribution name);
   they are listed as ``blocked``;
@@ -15,7 +16,9 @@ Tests use :func:`reset` to rebuild the manager, and may pass plugin objects to
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
+import inspect
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -42,13 +45,10 @@ ENTRY_POINT_GROUP = "ldmkit"
 
 #: The distributions that live under ``plugins/`` in this repository. Schemas are generated from
 #: these only, so that what a user happens to have installed never changes the committed schemas.
+#: ``tests/test_plugins.py`` checks that this matches ``plugins/*/pyproject.toml``: add a new built-in
+#: plugin here or it is silently left out of the schemas.
 FIRST_PARTY_DISTRIBUTIONS = (
     "ldmkit-class",
-    "ldmkit-text",
-    "ldmkit-layout",
-    "ldmkit-semantic",
-    "ldmkit-lowres",
-    "ldmkit-inpaint",
     "ldmkit-plugin-template",
 )
 
@@ -110,11 +110,48 @@ class PluginManager(pluggy.PluginManager):
             return record
         try:
             self.register(plugin, name=name)
-            record = PluginRecord(name, version, "active", distribution, plugin=plugin)
         except Exception as exc:  # pluggy validation errors, duplicate registration, ...
             record = self._fail(name, version, distribution, exc)
+        else:
+            problem = self._hook_problem(plugin)
+            if problem is None:
+                record = PluginRecord(name, version, "active", distribution, plugin=plugin)
+            else:
+                self.unregister(plugin)
+                record = self._fail(name, version, distribution, PluginError(problem))
         self.records[name] = record
         return record
+
+    def _hook_problem(self, plugin: Any) -> str | None:
+        """Why a just-registered plugin violates the hook spec, or None when it is fine.
+
+        pluggy accepts hook implementations whose names match no hook spec (it reports them only in
+        ``check_pending``) and plugins with no implementation at all; either would otherwise be listed
+        ``active`` while providing nothing, so a misspelled hook would go unnoticed.
+        """
+        unknown, known = [], []
+        for caller in self.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                known.append(caller.name)
+            elif any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(caller.name)
+        hooks = sorted(name for name, caller in vars(self.hook).items() if caller.has_spec())
+        expected = ", ".join(f"{h}(...)" for h in hooks)
+        if unknown:
+            guesses = sorted({g for u in unknown for g in difflib.get_close_matches(u, hooks, n=1)})
+            guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+            return (f"implements unknown ldmkit hook {', '.join(sorted(unknown))}{guess}; "
+                    f"expected {expected}")
+        if not known:
+            hint = ""
+            unmarked = sorted(
+                attr for attr in dir(plugin)
+                if attr.startswith(f"{hookspecs.PROJECT_NAME}_") and inspect.isroutine(getattr(plugin, attr, None))
+            )
+            if unmarked:
+                hint = f" ({', '.join(unmarked)} is defined but not decorated with @ldmkit.hookimpl)"
+            return f"implements no ldmkit hook; expected {expected}{hint}"
+        return None
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP, only_distributions: Iterable[str] | None = None) -> None:
         """Load each entry point of ``group`` on its own; failures are recorded, not fatal."""

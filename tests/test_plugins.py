@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.dists import BAD_SPEC, BROKEN_AT_IMPORT, DUPLICATE_CLASS, make_dist
+from fixtures.dists import BAD_SPEC, BROKEN_AT_IMPORT, DUPLICATE_CLASS, MISSPELLED_HOOK, NO_HOOK, make_dist
 from ldmkit import ConditionerSpec, Route, hookimpl
 from ldmkit.registry import ConditionerConflictError, Registry, UnknownConditionerError
+from ldmkit.types import normalize_name
 from toys import LEVEL, WORDS, Level, LevelConfig, ToyPlugin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,3 +190,93 @@ def test_conflicting_installed_plugins_name_both(tmp_path):
     res = _ldmkit(["plugins"], extra_path=path)
     assert res.returncode == 1
     assert "'class' is provided by 'class' and 'dupe'" in res.stderr
+
+
+HOOKLESS = {
+    "misspelled": (MISSPELLED_HOOK, "unknown ldmkit hook ldmkit_conditioner (did you mean ldmkit_conditioners?)"),
+    "nohook": (NO_HOOK, "implements no ldmkit hook; expected ldmkit_conditioners(...)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOOKLESS))
+def test_plugin_without_a_known_hook_is_failed_not_active(tmp_path, kind):
+    source, message = HOOKLESS[kind]
+    path = make_dist(tmp_path, f"ldmkit-{kind}", kind, f"ldmkit_{kind}_fixture", source)
+    res = _ldmkit(["plugins", "--json"], extra_path=path)
+    assert res.returncode == 0, res.stderr
+    rows = _by_name(res.stdout)
+    assert rows[kind]["status"] == "failed" and rows[kind]["conditioners"] == []
+    assert message in rows[kind]["error"]
+    assert rows["template"]["status"] == "active" and rows["template"]["conditioners"] == ["scalar"]
+
+
+@pytest.mark.parametrize("kind", sorted(HOOKLESS))
+def test_plugin_without_a_known_hook_fails_strict_mode(tmp_path, kind):
+    source, message = HOOKLESS[kind]
+    path = make_dist(tmp_path, f"ldmkit-{kind}", kind, f"ldmkit_{kind}_fixture", source)
+    res = _ldmkit(["plugins", "--json"], extra_path=path, LDMKIT_STRICT_PLUGINS="1")
+    assert res.returncode != 0
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+class Misspelled:
+    @hookimpl
+    def ldmkit_conditioner(self):
+        return [WORDS]
+
+
+class Unmarked:
+    def ldmkit_conditioners(self):
+        return [WORDS]
+
+
+class OptionalExtra:
+    """An optionalhook for a hook this ldmkit does not know is allowed (as in pluggy's check_pending)."""
+
+    @hookimpl
+    def ldmkit_conditioners(self):
+        return [LEVEL]
+
+    @hookimpl(optionalhook=True)
+    def ldmkit_future_hook(self):
+        return None
+
+
+def test_hookless_plugins_fail_in_process_and_are_unregistered(fresh_plugins):
+    pm, reg = registry_with(
+        fresh_plugins, ("good", ToyPlugin([WORDS])), ("typo", Misspelled()), ("unmarked", Unmarked()),
+        ("optional", OptionalExtra()),
+    )
+    assert pm.records["typo"].status == "failed" and "ldmkit_conditioner " in pm.records["typo"].error
+    assert "not decorated with @ldmkit.hookimpl" in pm.records["unmarked"].error
+    assert pm.records["optional"].status == "active"
+    assert pm.records["good"].status == "active" and reg.names() == ["level", "words"]
+    assert {p for p in pm.get_plugins()} == {pm.records["good"].plugin, pm.records["optional"].plugin}
+    pm.check_pending()  # nothing unknown left registered
+
+
+def test_hookless_plugin_raises_in_strict_mode(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(fresh_plugins.PluginError, match="implements no ldmkit hook"):
+        registry_with(fresh_plugins, ("empty", object()))
+
+
+def test_first_party_list_matches_the_plugins_folder(fresh_plugins):
+    """Schemas are generated from FIRST_PARTY_DISTRIBUTIONS only: every plugins/*/ distribution must be in it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    dists, entry_points = set(), set()
+    for pyproject in sorted((REPO / "plugins").glob("*/pyproject.toml")):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        eps = project.get("entry-points", {}).get(fresh_plugins.ENTRY_POINT_GROUP, {})
+        assert eps, f"{pyproject} declares no [project.entry-points.{fresh_plugins.ENTRY_POINT_GROUP}]"
+        dists.add(normalize_name(project["name"]))
+        entry_points |= {normalize_name(n) for n in eps}
+    listed = {normalize_name(d) for d in fresh_plugins.FIRST_PARTY_DISTRIBUTIONS}
+    assert listed == dists, "ldmkit/plugins.py FIRST_PARTY_DISTRIBUTIONS is out of date with plugins/*/pyproject.toml"
+    # ...and the manager that schemas are built from loads exactly those plugins' entry points, all active
+    pm = fresh_plugins.get_plugin_manager(first_party_only=True)
+    assert set(pm.records) == entry_points
+    assert {r.status for r in pm.records.values()} == {"active"}
