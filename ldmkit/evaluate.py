@@ -15,7 +15,9 @@ Example::
     run_suite("shapes-layout", n=200, mode="reference")   # {"miou": 0.99, "count_acc": 1.0, ...}
     run_suite("shapes-class", mode="model", generate=lambda conds: my_sampler([c.label for c in conds]))
 
-Command line: ``python -m ldmkit.evaluate shapes-layout --n 200 --shuffled`` prints the metrics as JSON.
+Command line: ``ldmkit eval --suite shapes-layout --n 200 --shuffled --json`` (or
+``python -m ldmkit.evaluate shapes-layout --n 200 --shuffled``) prints
+``{"suite": ..., "model": null, "n": ..., "metrics": {...}}``, ``n`` being :func:`suite_size`.
 Metric definitions and measured ceilings and floors: ``docs/evaluation.md``.
 """
 
@@ -36,7 +38,8 @@ from ldmkit.data.shapes import ShapesWorld, area_downsample
 from ldmkit.metrics import image as im
 from ldmkit.metrics import shapes as sh
 
-__all__ = ["SUITES", "MODES", "run_suite", "suite_conditions", "derangement", "fd_reference_features", "main"]
+__all__ = ["SUITES", "MODES", "run_suite", "suite_conditions", "suite_size", "derangement", "fd_reference_features",
+           "main"]
 
 SUITES = ("shapes-class", "shapes-caption", "shapes-layout", "shapes-semantic", "shapes-sr", "shapes-inpaint",
           "shapes-uncond", "recon-shapes", "recon-photos")
@@ -72,7 +75,18 @@ def suite_conditions(suite: str, n: int, seed: int = 0, size: int = 32) -> list[
     return conditions
 
 
-def _photo_conditions(n: int, seed: int, size: int) -> list[Sample]:
+def suite_size(suite: str, n: int, seed: int = 0, size: int = 32) -> int:
+    """How many images each of the suite's metrics is computed on when ``n`` is asked for: ``n``, except
+    ``recon-photos``, which is capped at the number of held-out photo tiles (30). Cheap: draws nothing.
+    (``shapes-caption`` scores n eval and n eval-heldout captions, each metric on n.)"""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; allowed suites: {', '.join(SUITES)}")
+    if suite == "recon-photos":
+        return min(n, len(_eval_photos(size)))
+    return n
+
+
+def _eval_photos(size: int):
     try:
         from ldmkit.data.photos import PhotosDataset  # written alongside; optional here
     except ImportError as err:
@@ -80,6 +94,11 @@ def _photo_conditions(n: int, seed: int, size: int) -> list[Sample]:
     photos = PhotosDataset(split="eval", size=size)
     if len(photos) < 2:
         raise ValueError(f"recon-photos needs >= 2 eval photos, the data set has {len(photos)}")
+    return photos
+
+
+def _photo_conditions(n: int, seed: int, size: int) -> list[Sample]:
+    photos = _eval_photos(size)
     order = np.random.default_rng(seed).permutation(len(photos))[: min(n, len(photos))]
     return [photos[int(i)] for i in sorted(order)]
 
@@ -149,7 +168,9 @@ def _recon_shapes(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dic
 
 def _recon_photos(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dict[str, float]:
     truth = [c.image for c in conds]
-    return {"psnr": im.psnr(imgs, truth), "ssim": im.ssim(imgs, truth)}
+    # fd against the originals of the same photos (there are only 30 held-out tiles, no disjoint set to
+    # spare), in the shapes-trained feature space: comparable between photo autoencoders only.
+    return {"psnr": im.psnr(imgs, truth), "ssim": im.ssim(imgs, truth), "fd": im.fd(imgs, truth)}
 
 
 _SCORERS: dict[str, Callable[[list[Sample], list[np.ndarray], dict], dict[str, float]]] = {
@@ -178,7 +199,8 @@ def run_suite(suite: str, *, n: int = 200, seed: int = 0, mode: Mode = "referenc
 
     Args:
         suite: one of :data:`SUITES`.
-        n: number of conditions, 2..50,000 (``shapes-caption`` scores n eval and n eval-heldout captions).
+        n: number of conditions, 2..50,000 (``shapes-caption`` scores n eval and n eval-heldout captions;
+            ``recon-photos`` caps it at the number of held-out photo tiles, see :func:`suite_size`).
         seed: selects the conditions (and the shuffled mode's derangement).
         mode: ``reference`` (ground truth, the ceiling), ``shuffled`` (another scene's ground truth, the
             floor) or ``model`` (``generate(conditions)``).
@@ -236,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics = run_suite(args.suite, n=args.n, seed=args.seed, mode=args.mode or "reference", size=args.size,
                         progress=args.progress)
-    print(json.dumps({"suite": args.suite, "mode": args.mode or "reference", "n": args.n, "metrics": metrics}))
+    n = suite_size(args.suite, args.n, args.seed, args.size)
+    print(json.dumps({"suite": args.suite, "model": None, "n": n, "metrics": metrics}))
     return 0
 
 

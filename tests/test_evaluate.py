@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ldmkit.data.base import Sample
-from ldmkit.evaluate import MODES, SUITES, derangement, main, run_suite, suite_conditions
+from ldmkit.evaluate import MODES, SUITES, derangement, main, run_suite, suite_conditions, suite_size
 
 SHAPES_SUITES = [s for s in SUITES if s != "recon-photos"]
 N = 200
@@ -129,11 +130,27 @@ def test_recon_photos_when_available() -> None:
     pytest.importorskip("ldmkit.data.photos")
     ref = run_suite("recon-photos", n=8, mode="reference")
     shuf = run_suite("recon-photos", n=8, mode="shuffled")
-    assert ref == {"psnr": 100.0, "ssim": 1.0}
+    assert ref == {"psnr": 100.0, "ssim": 1.0, "fd": 0.0}  # fd's reference: the same photos' originals
     assert shuf["psnr"] < 25 and shuf["ssim"] < 0.6
+    assert shuf["fd"] == pytest.approx(0.0, abs=1e-6)  # a distribution metric: the same set reordered
+    blurred = run_suite("recon-photos", n=200, mode="model",
+                        generate=lambda conds: [ndimage.gaussian_filter(c.image, (1.5, 1.5, 0)) for c in conds])
+    assert blurred["fd"] > 10
+
+
+def test_suite_size() -> None:
+    assert suite_size("shapes-class", 20) == 20 and suite_size("shapes-caption", 5) == 5
+    with pytest.raises(ValueError, match="allowed suites"):
+        suite_size("shapes-foo", 5)
+    pytest.importorskip("ldmkit.data.photos")
+    tiles = suite_size("recon-photos", 10_000)
+    assert 2 <= tiles < 200 and len(suite_conditions("recon-photos", 10_000)) == tiles
+    assert suite_size("recon-photos", 8) == 8
 
 
 def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["shapes-class", "--n", "10", "--shuffled"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["suite"] == "shapes-class" and out["mode"] == "shuffled" and 0 <= out["metrics"]["class_acc"] <= 1
+    assert set(out) == {"suite", "model", "n", "metrics"}  # the same contract as `ldmkit eval --json`
+    assert out["suite"] == "shapes-class" and out["model"] is None and out["n"] == 10
+    assert 0 <= out["metrics"]["class_acc"] <= 1
