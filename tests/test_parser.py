@@ -71,6 +71,15 @@ def test_mild_degradation_is_still_parsed(scenes: list[Sample], kw: dict) -> Non
     assert f1 >= 0.97 and iou >= 0.9
 
 
+def test_heavy_blur_degrades_gracefully(scenes: list[Sample]) -> None:
+    # measured on these 100 scenes: F1 1.00, 0.92, 0.74, 0.27 at sigma 0, 1.5, 2, 3 (and box IoU falls too)
+    results = [calibration(scenes[:100], blur=sigma) for sigma in (0.0, 1.5, 2.0, 3.0)]
+    f1s = [f1 for f1, _ in results]
+    assert f1s[0] >= 0.99 and f1s[-1] < 0.5, f1s
+    assert all(later <= earlier + 0.03 for earlier, later in zip(f1s, f1s[1:])), f1s
+    assert results[-1][1] < results[0][1] - 0.1, results  # the boxes it still finds are worse
+
+
 def test_heavy_noise_degrades_gracefully(scenes: list[Sample]) -> None:
     f1s = [calibration(scenes[:40], noise=sigma)[0] for sigma in (0.0, 40.0, 80.0, 160.0)]
     assert f1s[0] >= 0.99 and f1s[-1] < 0.5
