@@ -30,7 +30,8 @@ INPUT_SIZE = 32
 
 
 class ShapesFeatureNet(nn.Module):
-    """conv(3->16) -> conv/2(16->32) -> conv/2(32->64) -> conv/2(64->128) -> mean pool -> two linear heads."""
+    """conv(3->16) -> conv/2(16->32) -> conv/2(32->64) -> conv/2(64->128) -> mean pool -> three linear heads
+    (presence, largest class, degradation); only the pooled features are used for ``fd``."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, width: Sequence[int] = (16, 32, 64, FEATURE_DIM)):
         super().__init__()
