@@ -31,7 +31,7 @@ from torch import nn
 
 from ldmkit.config import LatentDiffusionConfig
 from ldmkit.models.ldm import LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
-from ldmkit.train.autoencoder import batch_indices
+from ldmkit.train.autoencoder import _truncate_log, batch_indices
 from ldmkit.train.checkpoint import (
     CheckpointError,
     flatten_optimizer_state,
@@ -45,7 +45,7 @@ from ldmkit.train.checkpoint import (
 __all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "TRAIN_CHECKPOINT_KIND", "load_first_stage"]
 
 TRAIN_CHECKPOINT_KIND = "latent_diffusion_train"
-RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "num_threads"}
+RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads"}
 
 
 class DiffusionDataConfig(BaseModel):
@@ -233,9 +233,14 @@ def train_diffusion(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_done: Callable[[LatentDiffusion], None] | None = None,
     stop_after: int | None = None,
 ) -> Path:
-    """Train as ``cfg`` says; returns ``out_dir/model.safetensors`` (``stop_after`` ends early, for tests)."""
+    """Train as ``cfg`` says; returns ``out_dir/model.safetensors``.
+
+    ``on_step(step, log record)`` runs on rank 0 at every log; ``on_done(model)`` on every rank with its
+    trained (raw) model; ``stop_after`` ends early as if killed after that step's checkpoint (for tests).
+    """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rank, world = _distributed()
@@ -286,6 +291,9 @@ def train_diffusion(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="ldm", unit="step", dynamic_ncols=True)
+    if rank == 0 and resume:
+        _truncate_log(log_path, start)  # a killed run may have logged past its last checkpoint
+        _log(log_path, {"event": "resume", "step": start, "time": time.time()})
     if rank == 0 and not resume:
         log_path.write_text("")
         _log(log_path, {"event": "start", "config": json.loads(cfg.model_dump_json()), "world_size": world,
@@ -297,6 +305,9 @@ def train_diffusion(
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         idx = batch_indices(step, cfg.batch_size, data.n, cfg.seed)
         g = _step_generator(cfg.seed, step)
+        # the global RNG (UNet dropout, plugins' own randomness) is also a function of (seed, step, rank),
+        # so that resuming stays exact when such randomness is used
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
         t = model.schedule.sample_timesteps(cfg.batch_size, g)
         latents_shape = (cfg.batch_size, cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
         noise = torch.randn(latents_shape, generator=g)
@@ -339,6 +350,8 @@ def train_diffusion(
         save_ldm(ema.model if ema else model, final, dtype=cfg.save_dtype,
                  extra_metadata={"ldmkit.train_steps": cfg.steps})
         _log(log_path, {"event": "done", "step": cfg.steps, "model": str(final)})
+    if on_done is not None:
+        on_done(model)
     if world > 1:
         dist.barrier()
     return final
@@ -382,4 +395,4 @@ def _save_state(path: Path, cfg: DiffusionTrainConfig, step: int, model: LatentD
 
 def _log(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
