@@ -20,8 +20,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ldmkit.train.checkpoint import read_metadata
+
 REPO = Path(__file__).resolve().parent.parent
 ZOO = REPO / "ldmkit" / "zoo"
+
+
+def _train_minutes(log: list[dict], steps: int) -> float | None:
+    """Wall-clock minutes of training up to ``steps``: from the records' times, else from sec_per_step."""
+    timed = [r for r in log if "time" in r and r.get("step", 0) <= steps]
+    if len(timed) >= 2 and "time" in log[0]:
+        return (timed[-1]["time"] - log[0]["time"]) / 60
+    total, prev = 0.0, 0
+    for r in log:
+        if "sec_per_step" in r and r["step"] <= steps:
+            total += r["sec_per_step"] * (r["step"] - prev)
+            prev = r["step"]
+    return total / 60 if total else None
 
 
 def main() -> None:
@@ -33,14 +48,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--description", required=True)
     p.add_argument("--eval-args", default="")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the model file (default RUN_DIR/model.safetensors; e.g. one written by `ldmkit export`)")
     args = p.parse_args()
 
     log = [json.loads(line) for line in (args.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in log if r.get("event") == "start")
-    done = next(r for r in log if r.get("event") == "done")
-    minutes = (done["time"] - start["time"]) / 60 if "time" in done and "time" in start else None
+    weights = args.weights or args.run_dir / "model.safetensors"
+    meta = read_metadata(weights)
+    steps = int(meta.get("ldmkit.train_steps") or next(r for r in log if r.get("event") == "done")["step"])
+    minutes = _train_minutes(log, steps)
     dst = ZOO / f"{args.name}.safetensors"
-    shutil.copyfile(args.run_dir / "model.safetensors", dst)
+    shutil.copyfile(weights, dst)
     os.chmod(dst, 0o644)
     shutil.copyfile(args.recipe, ZOO / f"{args.name}.yaml")
     cmd = ["ldmkit", "eval", f"zoo:{args.name}", "--suite", args.suite, "--n", str(args.n), *shlex.split(args.eval_args), "--json"]
@@ -51,7 +70,7 @@ def main() -> None:
         "description": args.description,
         "recipe": f"ldmkit/zoo/{args.name}.yaml",
         "train_command": f"ldmkit train ldmkit/zoo/{args.name}.yaml",
-        "steps": done.get("step"),
+        "steps": steps,
         "train_minutes": None if minutes is None else round(minutes, 1),
         "parameters": start.get("params") or start.get("parameters"),
         "file_mb": round(dst.stat().st_size / 2**20, 2),
