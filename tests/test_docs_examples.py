@@ -28,3 +28,13 @@ def test_writing_a_plugin_example_passes_the_kit():
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     code = next(b for b in blocks if "class BrightnessConfig" in b)
     assert len(_run_example(code)) == 10
+
+
+def test_autoencoders_doc_snippet_writes_its_picture(tmp_path, monkeypatch):
+    text = (REPO / "docs/autoencoders.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "photos-reconstructions.png" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "<docs/autoencoders.md>", "exec"), {})
+    from PIL import Image
+
+    assert Image.open(tmp_path / "photos-reconstructions.png").size[0] > 10 * 32 * 4

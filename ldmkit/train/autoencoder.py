@@ -68,7 +68,7 @@ __all__ = [
 #: ``ldmkit.kind`` of the training-state checkpoint ``last.safetensors``.
 TRAIN_CHECKPOINT_KIND = "autoencoder-train"
 #: Fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = frozenset({"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads"})
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads", "save_dtype"})
 
 
 class AutoencoderDataConfig(BaseModel):

@@ -45,7 +45,7 @@ from ldmkit.train.checkpoint import (
 __all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "TRAIN_CHECKPOINT_KIND", "load_first_stage"]
 
 TRAIN_CHECKPOINT_KIND = "latent_diffusion_train"
-RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads"}
+RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads", "save_dtype"}
 
 
 class DiffusionDataConfig(BaseModel):
