@@ -209,6 +209,20 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     assert bad.returncode == 2 and "--cond label" in bad.stderr and ".json" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_eval_cli_scores_a_diffusion_model_with_the_chosen_sampler(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    path = save_ldm(LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))), tmp_path / "m.safetensors")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldmkit.cli", "eval", str(path), *a], capture_output=True, text=True)
+    res = run("--suite", "shapes-class", "--n", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["model"] == str(path) and out["n"] == 4 and 0.0 <= out["metrics"]["class_acc"] <= 1.0
+    bad = run("--suite", "shapes-class", "--n", "4", "--sampler", "euler", "--json")
+    assert bad.returncode == 2 and "ddim" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("--suite", "recon-shapes", "--n", "4", "--json")
+    assert bad.returncode == 2 and "recon-" in bad.stderr
+
+
 def test_pipeline_call_returns_pil_images(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
     model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
