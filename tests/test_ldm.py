@@ -118,6 +118,17 @@ def test_two_process_ddp_equals_one_process(ae_path, tmp_path):
     w = held["w"]
     assert r0.shape == w.shape and not torch.equal(w, torch.zeros_like(w))
     assert torch.allclose(r0, w, atol=1e-5, rtol=1e-4), (r0 - w).abs().max()
+    # the documented command: torchrun -m ldmkit.cli train RECIPE.yaml
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(json.loads(train_cfg(ae_path, tmp_path / "cli", steps=4, ckpt_every=4).model_dump_json())))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          "-m", "ldmkit.cli", "train", str(recipe), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_ldm(tmp_path / "cli/model.safetensors"), load_ldm(tmp_path / "single/model.safetensors")
+    for (k, v), u in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.allclose(v, u, atol=1e-5, rtol=1e-4), k
 
 
 def test_file_roundtrip_and_sampling(ae_path, tmp_path):
