@@ -190,7 +190,7 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         keys = model.stack.accepted_keys()
         start = time.perf_counter()
         if "label" in keys:  # class-conditional: one row per class, at the model's default guidance
-            per_class = 6
+            per_class = 4
             labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
             images = tensor_to_images(model.sample({"label": labels}, sampler="ddim", steps=50, seed=0))
             rows = [images[c * per_class:(c + 1) * per_class] for c in range(NUM_CLASSES)]
