@@ -487,9 +487,18 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         print("the zoo is empty")
     for name in names:
         c = card(name)
-        print(f"zoo:{name:<22} {c.get('description', '')}")
-        if c.get("eval"):
-            print(f"{'':<26} eval: {json.dumps(c['eval'].get('metrics', c['eval']))}")
+        facts = [f"{c['file_mb']} MB" if c.get("file_mb") else None,
+                 f"{c['parameters'] / 1e6:.2f} M parameters" if c.get("parameters") else None,
+                 f"{c['steps']:,} steps" if c.get("steps") else None,
+                 f"{c['train_minutes']} min on a CPU" if c.get("train_minutes") else None]
+        print(f"zoo:{name}  ({', '.join(f for f in facts if f)})")
+        print(f"  {c.get('description', '')}")
+        result = c.get("eval") or {}
+        if result.get("metrics"):
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
+            print(f"  {result.get('suite', 'eval')} (n={result.get('n')}): {shown}")
+        if c.get("eval_command"):
+            print(f"  reproduce: {c['eval_command']}")
     return 0
 
 
