@@ -378,7 +378,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A model file from a diffusion training checkpoint (stop a run early and keep its EMA weights)."""
     from ldmkit.train.diffusion import export_model
 
-    path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance))
+    path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance),
+                        dtype=args.dtype)
     print(f"wrote {path}")
     return 0
 
@@ -573,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN_DIR/last.safetensors")
     p.add_argument("--out", required=True, help="the model file to write")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    p.add_argument("--dtype", choices=["float32", "float16"], default=None, help="stored precision (default: the recipe's save_dtype)")
     p.add_argument("--guidance", nargs="*", default=None, help="store this default guidance: SCALE or NAME=SCALE ...")
     p.set_defaults(func=cmd_export)
 

@@ -358,12 +358,13 @@ def train_diffusion(
 
 
 def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = True,
-                 guidance: float | dict[str, float] | None = None) -> Path:
+                 guidance: float | dict[str, float] | None = None,
+                 dtype: Literal["float32", "float16"] | None = None) -> Path:
     """Write a model file (as training's final ``model.safetensors``) from a training checkpoint.
 
     For stopping a run early and keeping what it has learnt: the weights are the checkpoint's EMA
     weights (or the raw ones with ``use_ema=False``); ``guidance`` sets the model's default guidance
-    (``config.guidance``). The recipe's autoencoder is loaded to be bundled as training does.
+    (``config.guidance``); ``dtype`` the stored precision (default: the recipe's ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does.
     """
     ckpt = load_checkpoint(checkpoint)
     if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
@@ -377,7 +378,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = Tru
     model = LatentDiffusion(cfg.model, load_first_stage(cfg.model.autoencoder))
     _load_trainable(model, ckpt, prefix)
     step = int(ckpt.metadata["ldmkit.step"])
-    return save_ldm(model.eval(), out, dtype=cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step})
+    return save_ldm(model.eval(), out, dtype=dtype or cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step})
 
 
 def _save_state(path: Path, cfg: DiffusionTrainConfig, step: int, model: LatentDiffusion, ema: _EMA | None,
