@@ -143,17 +143,14 @@ def _quickstart_autoencoders(args: argparse.Namespace) -> None:
     """Reconstructions of held-out scenes by every zoo autoencoder, side by side, with their PSNR."""
     import numpy as np
 
-    from ldmkit.api import load, model_kind
+    from ldmkit.api import load
     from ldmkit.data.preview import image_rows
     from ldmkit.data.shapes import ShapesWorld
     from ldmkit.metrics.image import psnr
     from ldmkit.models.ldm import images_to_tensor, tensor_to_images
-    from ldmkit.zoo import list_zoo
 
-    names = [n for n in list_zoo() if model_kind(f"zoo:{n}") == "autoencoder"]
-    print("\n== first stage: zoo autoencoders on held-out scenes ==")
+    names = _zoo_names("autoencoder", "first stage: zoo autoencoders on held-out scenes")
     if not names:
-        print("(no autoencoder in the zoo yet)")
         return
     world = ShapesWorld(split="eval", size=32, seed=0)
     originals = np.stack([world[i].image for i in range(8)])
@@ -174,18 +171,13 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
     """Samples from every zoo diffusion model: one row per class for class-conditional ones."""
     import time
 
-    from ldmkit.api import load, model_kind
+    from ldmkit.api import load
     from ldmkit.data.preview import image_rows
     from ldmkit.data.shapes import NUM_CLASSES, class_name
     from ldmkit.models.ldm import tensor_to_images
-    from ldmkit.zoo import card, list_zoo
+    from ldmkit.zoo import card
 
-    names = [n for n in list_zoo() if model_kind(f"zoo:{n}") == "latent_diffusion"]
-    print("\n== latent diffusion: samples from the zoo (DDIM, 50 steps) ==")
-    if not names:
-        print("(no diffusion model in the zoo yet)")
-        return
-    for name in names:
+    for name in _zoo_names("latent_diffusion", "latent diffusion: samples from the zoo (DDIM, 50 steps)"):
         model = load(f"zoo:{name}")
         keys = model.stack.accepted_keys()
         start = time.perf_counter()
@@ -205,6 +197,18 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
+
+
+def _zoo_names(kind: str, title: str) -> list[str]:
+    """Print a quickstart section title; the zoo models of ``kind`` (a note when there are none)."""
+    from ldmkit.api import model_kind
+    from ldmkit.zoo import list_zoo
+
+    print(f"\n== {title} ==")
+    names = [n for n in list_zoo() if model_kind(f"zoo:{n}") == kind]
+    if not names:
+        print(f"(no {kind.replace('_', ' ')} model in the zoo yet)")
+    return names
 
 
 def torch_inference():
@@ -418,10 +422,10 @@ def _parse_value(text: str, key: str = "value") -> Any:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     from PIL import Image
 
     from ldmkit.api import load, model_kind
+    from ldmkit.data.preview import image_rows
     from ldmkit.models.ldm import tensor_to_images
 
     if model_kind(args.model) != "latent_diffusion":
@@ -431,6 +435,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load(args.model)
     accepted = sorted(model.stack.accepted_keys())
     raw: dict[str, dict[str, str]] = {"--cond": {}, "--negative": {}}
+    recorded: dict[str, dict[str, Any]] = {}  # for the JSON: values as given, files by their @path
     batches: dict[str, dict[str, list[Any]]] = {}
     for flag, items in (("--cond", args.cond), ("--negative", args.negative)):
         for item in items or []:
@@ -441,6 +446,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} {key} given twice")
             raw[flag][key] = value
         values = {k: _parse_value(v, f"{flag} {k}") for k, v in raw[flag].items()}
+        recorded[flag] = {k: raw[flag][k] if raw[flag][k].startswith("@") else v for k, v in values.items()}
         batch = model.check_conditions({k: [v] * args.n for k, v in values.items()})
         for key, column in batch.items():  # validate the values before any sampling
             for name in model.stack.accepted_keys()[key]:
@@ -459,19 +465,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         Image.fromarray(im).save(out / f"{i:04d}.png")
         record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "sampler": args.sampler,
                   "steps": args.steps, "guidance": guidance, "height": args.height, "width": args.width,
-                  "conditions": {k: _parse_value(v) if not v.startswith("@") else v for k, v in raw["--cond"].items()},
-                  "negative": {k: _parse_value(v) if not v.startswith("@") else v for k, v in raw["--negative"].items()},
+                  "conditions": recorded["--cond"], "negative": recorded["--negative"],
                   "command": "ldmkit " + " ".join(sys.argv[1:])}
         (out / f"{i:04d}.json").write_text(json.dumps(record, indent=2) + "\n")
-    cols = min(8, len(images))
-    rows = -(-len(images) // cols)
     h, w = images.shape[1:3]
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = im
-    scale = max(1, 256 // max(h, w))
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out / "grid.png")
+    image_rows([images[i:i + 8] for i in range(0, len(images), 8)], scale=min(32, max(1, 256 // max(h, w)))).save(out / "grid.png")
     print(f"wrote {len(images)} images, their JSON and {out / 'grid.png'}")
     return 0
 

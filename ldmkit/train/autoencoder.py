@@ -48,6 +48,7 @@ from ldmkit.train.checkpoint import (
     module_tensors,
     restore_rng_state,
     save_checkpoint,
+    truncate_log,
     unflatten_optimizer_state,
 )
 from ldmkit.train.losses import FirstStageLoss, LossWeights, PerceptualLoss
@@ -332,7 +333,7 @@ def train_autoencoder(
     start = 0
     if resume:
         start = _restore(ckpt_path, cfg, model, disc, ema, opt_ae, opt_d)
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
         _log(log_path, {"event": "resume", "step": start, "time": time.time()})
     else:
         log_path.write_text("")
@@ -429,21 +430,6 @@ def _estimate_scale(cfg: AutoencoderTrainConfig, model: Autoencoder, batch: Call
 def _log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if rec.get("step", 0) <= step and rec.get("event") != "done":
-            keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _save_state(

@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "read_metadata",
     "make_metadata",
+    "truncate_log",
     "module_tensors",
     "flatten_optimizer_state",
     "unflatten_optimizer_state",
@@ -372,3 +373,18 @@ def restore_rng_state(tensors: dict[str, Tensor], metadata: dict[str, str], pref
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = json.loads(metadata[f"{prefix}.python"])
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if rec.get("step", 0) <= step and rec.get("event") != "done":
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))

@@ -29,9 +29,9 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ldmkit.config import LatentDiffusionConfig
+from ldmkit.config import LatentDiffusionConfig, load_config
 from ldmkit.models.ldm import LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
-from ldmkit.train.autoencoder import _truncate_log, batch_indices
+from ldmkit.train.autoencoder import batch_indices
 from ldmkit.train.checkpoint import (
     CheckpointError,
     flatten_optimizer_state,
@@ -39,10 +39,12 @@ from ldmkit.train.checkpoint import (
     make_metadata,
     module_tensors,
     save_checkpoint,
+    truncate_log,
     unflatten_optimizer_state,
 )
 
-__all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "TRAIN_CHECKPOINT_KIND", "load_first_stage"]
+__all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "export_model", "TRAIN_CHECKPOINT_KIND",
+           "load_first_stage"]
 
 TRAIN_CHECKPOINT_KIND = "latent_diffusion_train"
 RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads", "save_dtype"}
@@ -265,10 +267,7 @@ def train_diffusion(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
-            raise CheckpointError(f"{ckpt_path} is not a diffusion training checkpoint")
-        saved = DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
+        ckpt, saved = _read_train_checkpoint(ckpt_path)
         changed = sorted(k for k in DiffusionTrainConfig.model_fields if getattr(saved, k) != getattr(cfg, k) and k not in RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"cannot resume {ckpt_path}: the config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change")
@@ -292,8 +291,8 @@ def train_diffusion(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="ldm", unit="step", dynamic_ncols=True)
     if rank == 0 and resume:
-        _truncate_log(log_path, start)  # a killed run may have logged past its last checkpoint
-        _log(log_path, {"event": "resume", "step": start, "time": time.time()})
+        truncate_log(log_path, start)  # a killed run may have logged past its last checkpoint
+        _log(log_path, {"event": "resume", "step": start})
     if rank == 0 and not resume:
         log_path.write_text("")
         _log(log_path, {"event": "start", "config": json.loads(cfg.model_dump_json()), "world_size": world,
@@ -364,21 +363,28 @@ def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = Tru
 
     For stopping a run early and keeping what it has learnt: the weights are the checkpoint's EMA
     weights (or the raw ones with ``use_ema=False``); ``guidance`` sets the model's default guidance
-    (``config.guidance``); ``dtype`` the stored precision (default: the recipe's ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does.
+    (``config.guidance``, validated); ``dtype`` the stored precision (default: the recipe's
+    ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does.
     """
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
-        raise CheckpointError(f"{checkpoint} is not a diffusion training checkpoint")
-    cfg = DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
+    ckpt, cfg = _read_train_checkpoint(checkpoint)
+    model_cfg = cfg.model
     if guidance is not None:
-        cfg.model.guidance = guidance
+        model_cfg = load_config({**model_cfg.model_dump(mode="json"), "guidance": guidance})
     prefix = "ema." if use_ema else "model."
     if use_ema and not ckpt.subset("ema."):
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema: null); use use_ema=False")
-    model = LatentDiffusion(cfg.model, load_first_stage(cfg.model.autoencoder))
+    model = LatentDiffusion(model_cfg, load_first_stage(model_cfg.autoencoder))
     _load_trainable(model, ckpt, prefix)
     step = int(ckpt.metadata["ldmkit.step"])
     return save_ldm(model.eval(), out, dtype=dtype or cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step})
+
+
+def _read_train_checkpoint(path: str | Path) -> tuple[Any, DiffusionTrainConfig]:
+    """A diffusion training checkpoint and the config it was written with; CheckpointError for other files."""
+    ckpt = load_checkpoint(path)
+    if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a diffusion training checkpoint")
+    return ckpt, DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
 
 
 def _save_state(path: Path, cfg: DiffusionTrainConfig, step: int, model: LatentDiffusion, ema: _EMA | None,
