@@ -25,6 +25,7 @@ _EXPORTS = {
     "ConditionerContext": "ldmkit.types",
     "ConditionerSpec": "ldmkit.types",
     "ConditionInputError": "ldmkit.types",
+    "ConditionField": "ldmkit.types",
     "normalize_name": "ldmkit.types",
     "hookimpl": "ldmkit.hookspecs",
     # composition
@@ -42,6 +43,12 @@ _EXPORTS = {
     "build_stack": "ldmkit.wiring",
     "load": "ldmkit.api",
     "describe_wiring": "ldmkit.wiring",
+    # data: what a field's derive() receives, and the shapes world's vocabulary
+    "Sample": "ldmkit.data.base",
+    "Box": "ldmkit.data.base",
+    "SHAPES": "ldmkit.data.shapes",
+    "COLOURS": "ldmkit.data.shapes",
+    "PALETTE": "ldmkit.data.shapes",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ldmkit.data.base import CONDITION_KEYS, Sample
+from ldmkit.data.base import Sample
 
 __all__ = ["load", "model_kind", "recon_generator", "diffusion_generator", "Generator"]
 
@@ -109,11 +109,14 @@ class DiffusionGenerator:
 
         from ldmkit.models.ldm import tensor_to_images
 
-        keys = [] if self.unconditional else [k for k in self.model.stack.accepted_keys() if k in CONDITION_KEYS]
+        from ldmkit.fields import check_keys, sample_value
+
+        keys = [] if self.unconditional else sorted(self.model.stack.accepted_keys())
+        check_keys({k: self.model.stack.accepted_keys()[k] for k in keys})
         out: list[np.ndarray] = []
         chunks = list(_batches(conditions, self.batch_size))
         for b, chunk in enumerate(tqdm(chunks, desc="sampling", unit="batch", leave=False, disable=len(chunks) < 2)):
-            conds = {k: [c.get(k) for c in chunk] for k in keys}
+            conds = {k: [sample_value(c, k) for c in chunk] for k in keys}
             missing = [k for k, v in conds.items() if any(x is None for x in v)]
             if missing:
                 raise ValueError(f"the evaluation conditions carry no {', '.join(missing)}, which this model needs")

@@ -27,16 +27,14 @@ def _repo_root() -> Path:
 # -- plugins ----------------------------------------------------------------------------------
 def cmd_plugins(args: argparse.Namespace) -> int:
     from ldmkit.plugins import get_plugin_manager
-    from ldmkit.registry import ConditionerConflictError, get_registry
+    from ldmkit.registry import get_registry
 
     pm = get_plugin_manager()
-    conflict = None
-    try:
-        get_registry()  # calls every plugin's hook: fills in conditioners, marks spec violations failed
-    except ConditionerConflictError as exc:
-        conflict = str(exc)
+    registry = get_registry()  # calls every plugin's hook: fills in conditioners, marks failures and conflicts
     records = [r.as_dict() for r in sorted(pm.records.values(), key=lambda r: r.name)]
     if args.json:
+        for r in records:  # each declared field with its JSON Schema, so tools can build inputs
+            r["fields"] = [_field_row(registry, name) for name in r["fields"]]
         print(json.dumps(records, indent=2))
     else:
         if not records:
@@ -44,12 +42,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for r in records:
             conds = ", ".join(r["conditioners"]) or "-"
             print(f"{r['name']:<20} {r['version'] or '-':<10} {r['status']:<8} {conds}")
+            if r["fields"]:
+                print(f"{'':<20} fields: {', '.join(r['fields'])}")
             if r["error"]:
                 print(f"{'':<20} error: {r['error']}")
-    if conflict:
-        print(f"ldmkit: error: {conflict}", file=sys.stderr)
-        return 1
+    for name in sorted(registry.conflicts) + sorted(registry.field_conflicts):
+        print(f"ldmkit: warning: {registry.conflict_message(name)}", file=sys.stderr)
     return 0
+
+
+def _field_row(registry: Any, name: str) -> dict[str, Any]:
+    field = registry.fields.get(name)
+    if field is None:  # withheld by a conflict
+        return {"name": name, "schema": None, "derived": None, "description": registry.conflict_message(name)}
+    return {"name": name, "schema": field.json_schema(), "derived": field.derive is not None,
+            "description": field.description}
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -392,6 +399,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
+def _text_fields() -> set[str]:
+    """Fields whose value is a plain string: taken verbatim from ``--cond`` (never parsed as JSON)."""
+    from ldmkit.registry import get_registry
+
+    return {"caption"} | {name for name, f in get_registry().fields.items() if f.value_type is str}
+
+
 def _parse_value(text: str, key: str = "value") -> Any:
     """``@file`` loads a file (image → array, ``.json`` → object); JSON literals parse; anything else is a string."""
     if text.startswith("@"):
@@ -435,6 +449,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load(args.model)
     accepted = sorted(model.stack.accepted_keys())
     raw: dict[str, dict[str, str]] = {"--cond": {}, "--negative": {}}
+    text_fields = _text_fields()  # caption=12 is the caption "12", not the number 12
     recorded: dict[str, dict[str, Any]] = {}  # for the JSON: values as given, files by their @path
     batches: dict[str, dict[str, list[Any]]] = {}
     for flag, items in (("--cond", args.cond), ("--negative", args.negative)):
@@ -445,12 +460,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if key in raw[flag]:
                 raise ValueError(f"{flag} {key} given twice")
             raw[flag][key] = value
-        values = {k: _parse_value(v, f"{flag} {k}") for k, v in raw[flag].items()}
+        values = {k: v if k in text_fields and not v.startswith("@") else _parse_value(v, f"{flag} {k}")
+                  for k, v in raw[flag].items()}
         recorded[flag] = {k: raw[flag][k] if raw[flag][k].startswith("@") else v for k, v in values.items()}
         batch = model.check_conditions({k: [v] * args.n for k, v in values.items()})
-        for key, column in batch.items():  # validate the values before any sampling
-            for name in model.stack.accepted_keys()[key]:
-                model.stack.conditioners[name].prepare(column)
+        f = model.config.downsample_factor
+        with model.stack.at_latent_size((args.height or model.config.image_size) // f,
+                                        (args.width or model.config.image_size) // f):
+            for key, column in batch.items():  # validate the values before any sampling, at the asked size
+                for name in model.stack.accepted_keys()[key]:
+                    model.stack.conditioners[name].prepare(column)
         batches[flag] = batch
     batch, negative = batches["--cond"], batches["--negative"]
     guidance = _parse_guidance(args.guidance)
@@ -576,9 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", nargs="*", default=None, help="store this default guidance: SCALE or NAME=SCALE ...")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sample", help="generate images from a diffusion model")
+    p = sub.add_parser(
+        "sample", help="generate images from a diffusion model",
+        description="Generate images from a diffusion model. Conditions are given per field with --cond KEY=VALUE "
+                    "(repeatable; the same value for every image). KEY is a field the model reads (built in: label, "
+                    "caption, boxes, segmentation, lowres, mask; plugins add their own, see `ldmkit plugins`). VALUE is "
+                    "parsed as JSON when it parses (label=3, palette='[\"red\", [40, 70, 220]]'), else taken as a "
+                    "string (caption='a red circle'); @path reads a file: an image (.png .jpg .jpeg .bmp .webp) as an "
+                    "array, a .json file as its value.",
+        epilog="example: ldmkit sample zoo:shapes-class --cond label=14 --n 8 --out samples/")
     p.add_argument("model", help="checkpoint path or zoo:NAME")
-    p.add_argument("--cond", action="append", metavar="KEY=VALUE", help="a condition for every image; @path for files")
+    p.add_argument("--cond", action="append", metavar="KEY=VALUE",
+                   help="a condition for every image: VALUE is JSON if it parses, else a string; @path reads an image or .json file")
     p.add_argument("--negative", action="append", metavar="KEY=VALUE",
                    help="a negative condition: used instead of the null in guidance's baseline (steer away from it)")
     p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")

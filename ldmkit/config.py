@@ -53,7 +53,7 @@ class ConditioningConfig(StackConfig):
     @field_validator("conditioners", mode="before")
     @classmethod
     def _dispatch(cls, value: Any) -> Any:
-        from ldmkit.registry import UnknownConditionerError, get_registry
+        from ldmkit.registry import ConditionerConflictError, UnknownConditionerError, get_registry
 
         if not isinstance(value, list):
             return value
@@ -62,7 +62,7 @@ class ConditioningConfig(StackConfig):
         for i, item in enumerate(value):
             try:
                 out.append(registry.parse_config(item))
-            except UnknownConditionerError as exc:
+            except (UnknownConditionerError, ConditionerConflictError) as exc:
                 raise ValueError(f"conditioners.{i}.type: {exc}") from None
             except ValidationError as exc:
                 kind = item.get("type") if isinstance(item, dict) else type(item).__name__

@@ -49,10 +49,14 @@ ENTRY_POINT_GROUP = "ldmkit"
 #: plugin here or it is silently left out of the schemas.
 FIRST_PARTY_DISTRIBUTIONS = (
     "ldmkit-class",
+    "ldmkit-layout",
     "ldmkit-plugin-template",
+    "ldmkit-text",
 )
 
-Status = Literal["active", "blocked", "failed"]
+#: ``conflict``: loaded, but another plugin provides one of its conditioner or field names; that name
+#: is withheld (a config using it is refused) while its other conditioners work.
+Status = Literal["active", "blocked", "failed", "conflict"]
 
 
 class PluginError(RuntimeError):
@@ -68,6 +72,7 @@ class PluginRecord:
     status: Status
     distribution: str | None = None
     conditioners: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
     error: str | None = None
     plugin: Any = field(default=None, repr=False)
 
@@ -78,6 +83,7 @@ class PluginRecord:
             "status": self.status,
             "distribution": self.distribution,
             "conditioners": list(self.conditioners),
+            "fields": list(self.fields),
             "error": self.error,
         }
 
@@ -187,6 +193,16 @@ class PluginManager(pluggy.PluginManager):
         if record.plugin is not None and self.is_registered(record.plugin):
             self.unregister(record.plugin)
         self.records[name] = self._fail(name, record.version, record.distribution, exc)
+
+    def mark_conflict(self, name: str, message: str) -> None:
+        """Record that a plugin shares a conditioner or field name with another (it stays registered)."""
+        record = self.records.get(name)
+        if record is None:
+            return
+        if strict_mode():
+            raise PluginError(f"plugin {name!r} ({record.distribution or 'not installed'}): {message}")
+        record.status = "conflict"
+        record.error = message if not record.error else f"{record.error}; {message}"
 
     def _fail(self, name: str, version: str | None, dist: str | None, exc: BaseException) -> PluginRecord:
         if strict_mode():

@@ -2,8 +2,13 @@
 
 Every plugin's ``ldmkit_conditioners`` hook is called on its own so that each spec is attributed to
 its provider. A plugin whose hook raises, or returns something that is not a valid
-:class:`~ldmkit.types.ConditionerSpec`, is marked failed (see :mod:`ldmkit.plugins`); two plugins
-providing one name is a :class:`ConditionerConflictError` naming both.
+:class:`~ldmkit.types.ConditionerSpec`, is marked failed (see :mod:`ldmkit.plugins`).
+
+Two plugins providing one conditioner name (or declaring one condition field) is a *conflict*: both
+plugins are marked ``conflict`` with the error, the clashing name is withheld, and only a config that
+uses it is refused (:class:`ConditionerConflictError`, naming both providers and the environment
+variable that resolves it). Everything else — their other conditioners, every other plugin, models
+that do not use the name — keeps working.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from pydantic import Field
 from ldmkit.plugins import PluginManager, get_plugin_manager
 from ldmkit.types import (
     NAME_PATTERN,
+    RESERVED_FIELDS,
     ConditionerConfig,
     ConditionerContext,
     ConditionerSpec,
+    ConditionField,
     Route,
     normalize_name,
 )
@@ -31,7 +38,7 @@ class SpecError(ValueError):
 
 
 class ConditionerConflictError(RuntimeError):
-    """Two plugins provide a conditioner with the same name."""
+    """Two plugins provide a conditioner (or declare a condition field) with the same name, and a config uses it."""
 
 
 class UnknownConditionerError(KeyError):
@@ -57,6 +64,22 @@ def validate_spec(spec: Any) -> ConditionerSpec:
             f"conditioner {spec.name!r}: {spec.config_cls.__name__}.type must be declared "
             f"`type: Literal[{spec.name!r}] = {spec.name!r}`, found {annotation!r}"
         )
+    for f in spec.fields:
+        if not isinstance(f, ConditionField):
+            raise SpecError(f"conditioner {spec.name!r}: fields must be ConditionField objects, got {type(f).__name__}")
+        if not NAME_PATTERN.match(f.name):
+            raise SpecError(f"conditioner {spec.name!r}: field name {f.name!r} is invalid: names must match {NAME_PATTERN.pattern}")
+        if f.name in RESERVED_FIELDS:
+            raise SpecError(
+                f"conditioner {spec.name!r}: field {f.name!r} is built in (reserved: {', '.join(RESERVED_FIELDS)}); "
+                "read it with `key:` instead of declaring it"
+            )
+        if f.derive is not None and not callable(f.derive):
+            raise SpecError(f"conditioner {spec.name!r}: field {f.name!r}: derive must be callable (sample) -> value")
+        try:
+            f.adapter  # noqa: B018 - builds the pydantic validator now, so a bad value_type fails here
+        except Exception as exc:
+            raise SpecError(f"conditioner {spec.name!r}: field {f.name!r}: value_type is not a type pydantic can validate: {exc}") from None
     if spec.config_cls.model_config.get("extra") != "forbid":
         raise SpecError(f"conditioner {spec.name!r}: {spec.config_cls.__name__} must keep extra='forbid'")
     if not callable(spec.build):
@@ -77,7 +100,13 @@ class Registry:
         self.pm = pm
         self.specs: dict[str, ConditionerSpec] = {}
         self.providers: dict[str, str] = {}
+        self.fields: dict[str, ConditionField] = {}
+        self.field_providers: dict[str, str] = {}
+        #: withheld names: ``{name: [plugin, ...]}`` for conditioners and for fields
+        self.conflicts: dict[str, list[str]] = {}
+        self.field_conflicts: dict[str, list[str]] = {}
         found: dict[str, list[tuple[str, ConditionerSpec]]] = {}
+        declared: dict[str, list[tuple[str, ConditionField]]] = {}
         for impl in pm.hook.ldmkit_conditioners.get_hookimpls():
             plugin_name = impl.plugin_name
             try:
@@ -91,25 +120,36 @@ class Registry:
                 dupes = sorted({n for n in names if names.count(n) > 1})
                 if dupes:
                     raise SpecError(f"the plugin provides {', '.join(dupes)} more than once")
+                own_fields = _plugin_fields(specs)
             except Exception as exc:
                 pm.mark_failed(plugin_name, exc)
                 continue
             record = pm.records.get(plugin_name)
             if record is not None:
                 record.conditioners = [s.name for s in specs]
+                record.fields = sorted(own_fields)
             for spec in specs:
                 found.setdefault(spec.name, []).append((plugin_name, spec))
-        conflicts = {name: provs for name, provs in found.items() if len(provs) > 1}
-        if conflicts:
-            lines = [f"'{name}' is provided by {' and '.join(repr(p) for p, _ in provs)}" for name, provs in sorted(conflicts.items())]
-            raise ConditionerConflictError(
-                "conditioner names must be unique across plugins: " + "; ".join(lines)
-                + ". Uninstall one, or block it with LDMKIT_DISABLE_PLUGINS=<plugin>."
-            )
+            for f in own_fields.values():
+                declared.setdefault(f.name, []).append((plugin_name, f))
         for name in sorted(found):
-            plugin_name, spec = found[name][0]
-            self.specs[name] = spec
-            self.providers[name] = plugin_name
+            provs = found[name]
+            if len(provs) > 1:
+                self.conflicts[name] = [p for p, _ in provs]
+            else:
+                self.providers[name], self.specs[name] = provs[0]
+        for name in sorted(declared):
+            provs = declared[name]
+            if len(provs) > 1:
+                self.field_conflicts[name] = [p for p, _ in provs]
+            else:
+                self.field_providers[name], self.fields[name] = provs[0]
+        for what, table in (("conditioner", self.conflicts), ("condition field", self.field_conflicts)):
+            for name, plugins in table.items():
+                for plugin in plugins:
+                    others = " and ".join(repr(p) for p in plugins if p != plugin)
+                    pm.mark_conflict(plugin, f"{what} {name!r} is also provided by {others}; "
+                                             f"{_resolution(pm, plugins)}")
 
     # -- lookup ----------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -117,9 +157,19 @@ class Registry:
 
     def get(self, name: str) -> ConditionerSpec:
         key = normalize_name(name) if isinstance(name, str) else name
+        if key in self.conflicts:
+            raise ConditionerConflictError(self.conflict_message(key))
         if key not in self.specs:
             raise UnknownConditionerError(self.unknown_message(name))
         return self.specs[key]
+
+    def conflict_message(self, name: str) -> str:
+        """Why ``name`` (a conditioner or a condition field) is withheld, and how to resolve it."""
+        plugins = self.conflicts.get(name) or self.field_conflicts.get(name) or []
+        what = "conditioner" if name in self.conflicts else "condition field"
+        who = " and ".join(f"{p!r} ({self.pm.records[p].distribution or 'not installed'})"
+                           if p in self.pm.records else repr(p) for p in plugins)
+        return f"{what} {name!r} is provided by more than one plugin: {who}; {_resolution(self.pm, plugins)}"
 
     def unknown_message(self, name: Any) -> str:
         installed = ", ".join(self.names()) or "(none)"
@@ -169,6 +219,22 @@ class Registry:
                 f"{route!r}, but its spec declares {spec.route_label}"
             )
         return conditioner
+
+
+def _plugin_fields(specs: list[ConditionerSpec]) -> dict[str, ConditionField]:
+    """The fields one plugin declares (several of its specs may declare the same field, identically)."""
+    fields: dict[str, ConditionField] = {}
+    for spec in specs:
+        for f in spec.fields:
+            if f.name in fields and fields[f.name] != f:
+                raise SpecError(f"the plugin declares field {f.name!r} twice, differently")
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def _resolution(pm: PluginManager, plugins: list[str]) -> str:
+    options = " or ".join(f"LDMKIT_DISABLE_PLUGINS={p}" for p in plugins)
+    return f"uninstall one, or choose with {options}"
 
 
 _REGISTRY: Registry | None = None

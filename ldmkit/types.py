@@ -21,7 +21,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ldmkit.conditioning import Conditioner
@@ -33,6 +33,8 @@ __all__ = [
     "ConditionerContext",
     "ConditionerSpec",
     "ConditionInputError",
+    "ConditionField",
+    "RESERVED_FIELDS",
     "normalize_name",
     "NAME_PATTERN",
 ]
@@ -169,6 +171,76 @@ class ConditionerContext:
         return self.image_size // self.latent_size
 
 
+#: Field names the core owns: the image, free-form ``meta``, and the built-in condition fields of
+#: :class:`~ldmkit.data.base.Sample`. A plugin cannot declare these (it reads them as they are).
+RESERVED_FIELDS = ("image", "meta", "label", "caption", "boxes", "segmentation", "lowres", "mask")
+
+
+@dataclass(frozen=True)
+class ConditionField:
+    """A condition field a plugin introduces: the name conditioners read, what it holds, where it comes from.
+
+    - ``name``: the field's name, used everywhere a condition is named: a conditioner's ``key``, a
+      manifest line (``{"image": "a.png", "palette": ["red"]}``), ``ldmkit sample --cond palette=...``,
+      ``model(palette=[...])`` and error messages. Normalized like conditioner names; it may not be one
+      of :data:`RESERVED_FIELDS`;
+    - ``value_type``: the type of one sample's value, as a type annotation pydantic validates (``str``,
+      ``list[str]``, ``list[tuple[int, int, int]]``, a pydantic model, ...). It must describe JSON-able
+      values: manifests are validated with it and its JSON Schema is what ``ldmkit plugins --json`` shows;
+    - ``derive``: optionally ``(sample) -> value or None``, computing the field from any
+      :class:`~ldmkit.data.base.Sample` of a data set that does not store it (e.g. a palette from a
+      shapes scene's ``meta["objects"]``). Returning None means "this sample cannot provide it";
+    - ``description``: one line for ``ldmkit plugins`` and error messages;
+    - ``example``: one valid value (docs, ``ldmkit plugins``).
+
+    A sample's own value (a manifest's, or ``Sample.fields[name]``) wins over ``derive``.
+    """
+
+    name: str
+    value_type: Any = Any
+    derive: Callable[[Any], Any] | None = field(default=None, compare=False)
+    description: str = ""
+    example: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", normalize_name(self.name))
+
+    @property
+    def adapter(self) -> TypeAdapter:
+        adapter = self.__dict__.get("_adapter")
+        if adapter is None:
+            adapter = TypeAdapter(self.value_type)
+            object.__setattr__(self, "_adapter", adapter)
+        return adapter
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of one sample's value (with the description when there is one)."""
+        schema = dict(self.adapter.json_schema())
+        if self.description:
+            schema.setdefault("description", self.description)
+        return schema
+
+    def validate(self, value: Any, index: int | None = None) -> Any:
+        """``value`` checked (and coerced) by ``value_type``; :class:`ConditionInputError` naming the field."""
+        try:
+            return self.adapter.validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            raise ConditionInputError(self.name, f"{_short(value)} is invalid ({problems})",
+                                      _type_name(self.value_type), index) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 @dataclass(frozen=True)
 class ConditionerSpec:
     """One conditioner a plugin provides, as returned by the ``ldmkit_conditioners`` hook.
@@ -180,7 +252,9 @@ class ConditionerSpec:
     - ``route``: the declared route, or a tuple of routes when the config selects one (the built
       conditioner then declares which in ``__init__``, before any data flows);
     - ``description``: one line for ``ldmkit plugins``;
-    - ``example_inputs``: a few valid raw inputs (used by docs and the conformance kit).
+    - ``example_inputs``: a few valid raw inputs (used by docs and the conformance kit);
+    - ``fields``: the :class:`ConditionField` objects this conditioner introduces (when its default
+      ``key`` is a new field rather than a built-in one such as ``label`` or ``caption``).
     """
 
     name: str
@@ -189,6 +263,7 @@ class ConditionerSpec:
     route: Route | tuple[Route, ...]
     description: str = ""
     example_inputs: tuple[Any, ...] = ()
+    fields: tuple[ConditionField, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.route, (tuple, list)):
@@ -199,6 +274,7 @@ class ConditionerSpec:
         else:
             object.__setattr__(self, "route", Route(self.route))
         object.__setattr__(self, "name", normalize_name(self.name))
+        object.__setattr__(self, "fields", tuple(self.fields))
 
     @property
     def routes(self) -> tuple[Route, ...]:

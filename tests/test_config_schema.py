@@ -34,8 +34,8 @@ def test_conditioner_configs_are_the_plugins_own_models():
 
 
 def test_unknown_conditioner_type_lists_installed():
-    with pytest.raises(ConfigError, match=r"no conditioner 'text'; installed: class, scalar"):
-        load_config({"conditioning": {"conditioners": [{"type": "text"}]}})
+    with pytest.raises(ConfigError, match=r"no conditioner 'sketch'; installed: class, layout, scalar, text"):
+        load_config({"conditioning": {"conditioners": [{"type": "sketch"}]}})
 
 
 def test_plugin_field_errors_name_the_field():

@@ -36,9 +36,32 @@ def test_names_are_normalized():
     assert spec.name == "low_res" and spec.route is Route.VECTOR
 
 
-def test_duplicate_names_across_plugins_name_both_providers(fresh_plugins):
-    with pytest.raises(ConditionerConflictError, match=r"'words' is provided by 'alpha' and 'beta'"):
-        registry_with(fresh_plugins, ("alpha", ToyPlugin([WORDS])), ("beta", ToyPlugin([WORDS, LEVEL])))
+def test_a_name_clash_withholds_only_that_name(fresh_plugins):
+    pm, reg = registry_with(fresh_plugins, ("alpha", ToyPlugin([WORDS])), ("beta", ToyPlugin([WORDS, LEVEL])))
+    assert reg.names() == ["level"] and reg.conflicts == {"words": ["alpha", "beta"]}
+    for me, other in (("alpha", "beta"), ("beta", "alpha")):
+        assert pm.records[me].status == "conflict"
+        assert f"'words' is also provided by '{other}'" in pm.records[me].error
+        assert "LDMKIT_DISABLE_PLUGINS=alpha or LDMKIT_DISABLE_PLUGINS=beta" in pm.records[me].error
+    assert reg.build({"type": "level"}).encode([0.5]).value.shape == (1, 6)  # beta's other conditioner works
+    with pytest.raises(ConditionerConflictError, match=r"'words' is provided by more than one plugin: 'alpha'.*and 'beta'.*LDMKIT_DISABLE_PLUGINS=alpha"):
+        reg.get("words")
+
+
+def test_a_config_using_a_clashing_name_is_refused_naming_both(fresh_plugins):
+    from ldmkit.config import ConfigError, load_config
+
+    fresh_plugins.get_plugin_manager(extra=[("alpha", ToyPlugin([WORDS])), ("beta", ToyPlugin([WORDS, LEVEL]))])
+    with pytest.raises(ConfigError, match=r"conditioners.0.type: conditioner 'words' is provided by more than one plugin"):
+        load_config({"conditioning": {"conditioners": [{"type": "words"}]}})
+    assert load_config({"conditioning": {"conditioners": [{"type": "level"}]}}).conditioning.conditioners[0].type == "level"
+    assert load_config({}).conditioning.conditioners == []  # a model without conditioners is untouched
+
+
+def test_a_name_clash_raises_in_strict_mode(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(fresh_plugins.PluginError, match="'words' is also provided by"):
+        registry_with(fresh_plugins, ("alpha", ToyPlugin([WORDS])), ("beta", ToyPlugin([WORDS])))
 
 
 class Raises:
@@ -139,7 +162,7 @@ def _by_name(stdout):
     assert isinstance(data, list)
     for row in data:
         assert set(row) >= {"name", "version", "status", "conditioners", "error"}
-        assert row["status"] in {"active", "blocked", "failed"}
+        assert row["status"] in {"active", "blocked", "failed", "conflict"}
     return {row["name"]: row for row in data}
 
 
@@ -185,11 +208,31 @@ def test_spec_violation_through_entry_point_is_failed(tmp_path):
     assert rows["badspec"]["status"] == "failed" and "ConditionerSpec" in rows["badspec"]["error"]
 
 
-def test_conflicting_installed_plugins_name_both(tmp_path):
+def test_conflicting_installed_plugins_are_marked_and_only_their_name_is_refused(tmp_path):
+    """A second distribution providing `class`: the listing works and says so; models that do not use
+    `class` load; one that does is refused naming both providers and the variable that resolves it."""
     path = make_dist(tmp_path, "ldmkit-dupe", "dupe", "ldmkit_dupe_fixture", DUPLICATE_CLASS)
-    res = _ldmkit(["plugins"], extra_path=path)
-    assert res.returncode == 1
-    assert "'class' is provided by 'class' and 'dupe'" in res.stderr
+    res = _ldmkit(["plugins", "--json"], extra_path=path)
+    assert res.returncode == 0, res.stderr
+    rows = _by_name(res.stdout)
+    for me, other in (("class", "dupe"), ("dupe", "class")):
+        assert rows[me]["status"] == "conflict"
+        assert f"conditioner 'class' is also provided by '{other}'" in rows[me]["error"]
+    assert rows["template"]["status"] == "active" and rows["template"]["error"] is None
+    assert "warning: conditioner 'class' is provided by more than one plugin" in res.stderr
+
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    env.pop("LDMKIT_DISABLE_PLUGINS", None)
+    code = "import ldmkit; m = ldmkit.load('zoo:shapes-uncond'); print(type(m).__name__, m.stack.names)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "LatentDiffusion []" in out.stdout, out.stderr
+    res = _ldmkit(["sample", "zoo:shapes-class", "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")], extra_path=path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "'class' (ldmkit-class) and 'dupe' (ldmkit-dupe)" in res.stderr
+    assert "LDMKIT_DISABLE_PLUGINS=class or LDMKIT_DISABLE_PLUGINS=dupe" in res.stderr
+    res = _ldmkit(["sample", "zoo:shapes-class", "--cond", "label=3", "--n", "1", "--steps", "1", "--out",
+                   str(tmp_path / "s")], extra_path=path, LDMKIT_DISABLE_PLUGINS="dupe")
+    assert res.returncode == 0, res.stderr
 
 
 HOOKLESS = {

@@ -1,8 +1,10 @@
 """The one record every ldmkit data set yields.
 
 A :class:`Sample` carries an image and whatever ground truth its source knows. Conditioners read the
-field named by their config's ``key`` (``label``, ``caption``, ``boxes``, ``segmentation``, ``lowres``,
-``mask``), so one data set can feed any combination of conditioners.
+field named by their config's ``key``: one of the built-in fields (``label``, ``caption``, ``boxes``,
+``segmentation``, ``lowres``, ``mask``) or a field a plugin declares (:class:`ldmkit.ConditionField`),
+whose values live in ``Sample.fields`` or are derived from the sample (:func:`ldmkit.fields.sample_value`),
+so one data set can feed any combination of conditioners.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 __all__ = ["Box", "Sample", "SampleSequence", "CONDITION_KEYS"]
 
-#: The ground-truth fields a Sample may carry, i.e. the batch keys conditioners read.
+#: The built-in ground-truth fields a Sample carries as attributes (plugins add more: ``Sample.fields``).
 CONDITION_KEYS = ("label", "caption", "boxes", "segmentation", "lowres", "mask")
 
 
@@ -37,7 +39,8 @@ class Sample:
     - ``segmentation``: ``H x W`` integer class ids;
     - ``lowres``: a smaller ``h x w x 3`` uint8 copy of the image;
     - ``mask``: ``H x W`` bool, True where the image is unknown (to be inpainted);
-    - ``meta``: free-form, JSON-serializable facts (seed, index, source, structured caption, ...).
+    - ``meta``: free-form, JSON-serializable facts (seed, index, source, structured caption, ...);
+    - ``fields``: values of plugin-declared condition fields, by field name (e.g. from a manifest line).
     """
 
     image: np.ndarray
@@ -48,12 +51,18 @@ class Sample:
     lowres: np.ndarray | None = None
     mask: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
 
     def get(self, key: str) -> Any:
-        """The ground truth stored under ``key`` (one of :data:`CONDITION_KEYS` or ``image``)."""
-        if key != "image" and key not in CONDITION_KEYS:
-            raise KeyError(f"no field {key!r} in a Sample; allowed: image, {', '.join(CONDITION_KEYS)}")
-        return getattr(self, key)
+        """The value stored under ``key``: ``image``, a built-in field, or ``fields[key]`` (None when absent).
+
+        Stored values only; :func:`ldmkit.fields.sample_value` also derives plugin fields."""
+        if key == "image" or key in CONDITION_KEYS:
+            return getattr(self, key)
+        if key == "meta":
+            raise KeyError("'meta' is free-form and not a condition field; a plugin derives its field from it "
+                           "(ConditionField.derive)")
+        return self.fields.get(key)
 
 
 class SampleSequence(Sequence[Sample]):

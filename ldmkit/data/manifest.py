@@ -10,7 +10,9 @@ the folder (or below it with ``recursive=True``), in sorted order, with no groun
      "boxes": [{"label": "cat", "bbox": [0.1, 0.2, 0.6, 0.9]}],
      "segmentation": "seg/cat.png", "mask": "masks/cat.png"}
 
-Only ``image`` is required. Paths are relative to the manifest's folder (absolute paths also work).
+Only ``image`` is required. Fields declared by installed plugins (:class:`ldmkit.ConditionField`, listed
+by ``ldmkit plugins``) are accepted too, validated by the field's type and stored in ``Sample.fields``,
+e.g. ``{"image": "a.png", "palette": ["red", "blue"]}``. Paths are relative to the manifest's folder (absolute paths also work).
 ``bbox`` is ``[x0, y0, x1, y1]`` normalized to 0..1 (x right, y down) with ``x0 < x1`` and ``y0 < y1``.
 ``segmentation`` is a single-channel PNG (mode L, P, I or I;16) whose pixel values are class ids;
 ``mask`` is a PNG whose non-zero (non-black) pixels mark the region to inpaint. Both must have the
@@ -120,14 +122,17 @@ class ManifestError(ValueError):
         super().__init__("\n".join(shown + ([f"... and {more} more"] if more else [])))
 
 
-def _format_validation_error(err: ValidationError) -> list[str]:
+def _format_validation_error(err: ValidationError, plugin_fields: tuple[str, ...] = ()) -> list[str]:
     out = []
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"])
         kind, msg = item["type"], item["msg"]
         if kind == "extra_forbidden":
-            model = BoxRecord if len(item["loc"]) > 1 else ManifestRecord
-            msg = f"unknown field (allowed: {', '.join(model.model_fields)})"
+            nested = len(item["loc"]) > 1
+            allowed = list((BoxRecord if nested else ManifestRecord).model_fields)
+            if not nested and plugin_fields:
+                allowed += [f"{', '.join(plugin_fields)} (declared by plugins)"]
+            msg = f"unknown field (allowed: {', '.join(allowed)})"
         elif kind == "missing":
             msg = "required field is missing"
         elif kind == "model_type":
@@ -231,6 +236,10 @@ class ManifestDataset(SampleSequence):
         self.size, self.fit = size, fit
         self._loader = _Loader(size, fit)
         self.records: list[tuple[int, ManifestRecord]] = []
+        self.plugin_values: dict[int, dict[str, Any]] = {}  # line number -> plugin-declared field values
+        from ldmkit.registry import get_registry
+
+        self._fields = get_registry().fields
         self.problems: list[str] = []
         self.skipped = 0
         try:
@@ -240,36 +249,48 @@ class ManifestDataset(SampleSequence):
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record, problems = self._parse(line)
+            record, problems, values = self._parse(line)
             if problems:
                 self.problems += [f"{self.path}:{number}: {p}" for p in problems]
                 self.skipped += 1
             else:
                 assert record is not None
                 self.records.append((number, record))
+                if values:
+                    self.plugin_values[number] = values
         if self.problems and not skip_invalid:
             raise ManifestError(self.problems)
         if not self.records:
             note = f" ({self.skipped} invalid lines skipped)" if self.skipped else ""
             raise ManifestError([f"{self.path}: no records{note}"])
 
-    def _parse(self, line: str) -> tuple[ManifestRecord | None, list[str]]:
+    def _parse(self, line: str) -> tuple[ManifestRecord | None, list[str], dict[str, Any]]:
+        from ldmkit.types import ConditionInputError
+
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            return None, [f"invalid JSON: {err.msg} at column {err.colno}"]
+            return None, [f"invalid JSON: {err.msg} at column {err.colno}"], {}
         if not isinstance(obj, dict):
-            return None, [f"must be a JSON object, got {type(obj).__name__}"]
+            return None, [f"must be a JSON object, got {type(obj).__name__}"], {}
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for key in [k for k in obj if k not in ManifestRecord.model_fields and k in self._fields]:
+            try:
+                values[key] = self._fields[key].validate(obj.pop(key))
+            except ConditionInputError as err:
+                problems.append(f"{key}: {err.problem}; allowed: {err.allowed}")
         try:
             record = ManifestRecord.model_validate(obj)
         except ValidationError as err:
-            return None, _format_validation_error(err)
+            return None, problems + _format_validation_error(err, tuple(sorted(self._fields))), {}
         missing = [
             f"{key}: file not found: {getattr(record, key)} (looked at {self.root / getattr(record, key)})"
             for key in ("image", "segmentation", "mask")
             if getattr(record, key) is not None and not (self.root / getattr(record, key)).is_file()
         ]
-        return (None, missing) if missing else (record, [])
+        problems += missing
+        return (None, problems, {}) if problems else (record, [], values)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -296,6 +317,7 @@ class ManifestDataset(SampleSequence):
             caption=record.caption,
             label=record.label,
             meta=meta,
+            fields=dict(self.plugin_values.get(number, {})),
         )
         if record.boxes is not None:
             boxes = [Box(b.label, b.bbox) for b in record.boxes]

@@ -141,15 +141,18 @@ class _Data:
     def __init__(self, cfg: DiffusionTrainConfig, model: LatentDiffusion, device: torch.device, rank: int, progress: bool):
         from ldmkit.data import load_dataset
 
+        from ldmkit.fields import check_keys, sample_value
+
+        check_keys(model.stack.accepted_keys())  # every key a built-in or plugin-declared field, before any data
         dataset = load_dataset(cfg.data.name, split=cfg.data.split, size=cfg.model.image_size, seed=cfg.data.seed)
         self.n = min(len(dataset), cfg.data.cache_size)
         self.keys = sorted(model.stack.accepted_keys())
         samples = (dataset[i] for i in range(self.n))
         images, conds = [], {k: [] for k in self.keys}
-        for s in samples:
+        for i, s in enumerate(samples):
             images.append(s.image)
             for k in self.keys:
-                value = s.get(k)
+                value = sample_value(s, k, index=i)
                 if value is None:
                     raise ValueError(f"data set {cfg.data.name!r} has no {k!r} for sample {len(images) - 1}, "
                                      f"which {', '.join(model.stack.accepted_keys()[k])} read(s)")
