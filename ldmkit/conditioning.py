@@ -17,8 +17,9 @@ and joint-dropout groups null several at once, so one model learns every subset 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +55,7 @@ class Conditioner(nn.Module):
         self.output_dim: int = 0
         self.num_tokens: int | None = None
         self.frozen = False
+        self._latent_hw: tuple[int, int] | None = None
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -64,13 +66,23 @@ class Conditioner(nn.Module):
     def key(self) -> str:
         return self.config.key
 
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """The latent ``(height, width)`` a channels output must have *now*.
+
+        The training size (``context.latent_size`` square) unless the stack is working at another size:
+        sampling at 2x the training resolution sets it (:meth:`ConditioningStack.at_latent_size`) for the
+        whole run, so ``forward`` and ``null`` of a channels conditioner read it rather than the context."""
+        if self._latent_hw is not None:
+            return self._latent_hw
+        return (self.context.latent_size, self.context.latent_size)
+
     def output_shape(self, batch_size: int) -> tuple[int, ...]:
         """The shape of this conditioner's output for a batch, known before any data flows."""
         if self.route is Route.TOKENS:
             return (batch_size, int(self.num_tokens or 0), self.output_dim)
         if self.route is Route.CHANNELS:
-            size = self.context.latent_size
-            return (batch_size, self.output_dim, size, size)
+            return (batch_size, self.output_dim, *self.latent_hw)
         return (batch_size, self.output_dim)
 
     # -- input ---------------------------------------------------------------------------------
@@ -252,6 +264,22 @@ class ConditioningStack(nn.Module):
         wanted = set(keys)
         return [c.name for c in self.conditioners.values() if c.key in wanted]
 
+    @contextmanager
+    def at_latent_size(self, height: int, width: int) -> Iterator["ConditioningStack"]:
+        """Within the block, channels conditioners work at latent size ``height x width`` (their
+        :attr:`Conditioner.latent_hw`): inputs, outputs and nulls at that size. Used by sampling at a
+        size other than the training one (convolutional sampling, paper §4.3.2)."""
+        if int(height) < 1 or int(width) < 1:
+            raise ValueError(f"latent size must be positive, got {height}x{width}")
+        previous = {name: c._latent_hw for name, c in self.conditioners.items()}
+        for c in self.conditioners.values():
+            c._latent_hw = (int(height), int(width))
+        try:
+            yield self
+        finally:
+            for name, c in self.conditioners.items():
+                c._latent_hw = previous[name]
+
     # -- encoding --------------------------------------------------------------------------------
     def encode(
         self, batch: Mapping[str, Sequence[Any]], *, names: Iterable[str] | None = None, device: Any = None
@@ -327,9 +355,26 @@ class ConditioningStack(nn.Module):
             if k is False:
                 out = c.null(batch_size)
             elif isinstance(k, torch.Tensor) and not bool(k.all()):
-                out = out.select(k.to(out.value.device), c.null(batch_size))
+                out = out.select(k.to(out.value.device), self._checked_null(c, out, batch_size))
             final[name] = out
         return self._combine(final, batch_size)
+
+    def _checked_null(self, c: Conditioner, out: ConditionOutput, batch_size: int) -> ConditionOutput:
+        """``c.null(B)``, checked to be mixable with ``out`` per sample (condition dropout)."""
+        null = c.null(batch_size)
+        problem = None
+        if not isinstance(null, ConditionOutput) or null.route is not out.route:
+            problem = f"its null({batch_size}) returned {getattr(null, 'route', type(null).__name__)!r}"
+        elif tuple(null.value.shape) != tuple(out.value.shape):
+            problem = (f"its null({batch_size}) has shape {tuple(null.value.shape)} but its output has "
+                       f"{tuple(out.value.shape)}")
+        if problem:
+            raise ValueError(
+                f"conditioner {c.name!r} ({c.route.value}, key {c.key!r}): {problem}; condition dropout replaces "
+                f"samples' outputs by the null, so null(B) must have the conditioned output's route and shape "
+                f"(declared {c.output_shape(batch_size)}; tokens: the same M, padding marked in the mask)"
+            )
+        return null
 
     def _combine(self, final: dict[str, ConditionOutput], batch_size: int) -> StackOutput:
         result = StackOutput()
@@ -338,9 +383,13 @@ class ConditioningStack(nn.Module):
             out = final[name]
             expected = c.output_shape(batch_size)
             if tuple(out.value.shape) != expected:
+                hint = ""
+                if c.route is Route.CHANNELS and tuple(out.value.shape[2:]) != tuple(expected[2:]):
+                    hint = (f"; the latent is {expected[2]}x{expected[3]} now (a channels conditioner builds its "
+                            "output and its null at self.latent_hw, which sampling at another size changes)")
                 raise ValueError(
                     f"conditioner {name!r} ({c.route.value}) returned shape {tuple(out.value.shape)}, "
-                    f"declared {expected}"
+                    f"declared {expected}{hint}"
                 )
             if c.route is Route.TOKENS:
                 tokens.append(self.token_proj[name](out.value))

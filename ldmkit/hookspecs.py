@@ -42,7 +42,15 @@ def ldmkit_conditioners() -> Iterable[ConditionerSpec]:
     installed plugin (a clash is an error naming both providers), and its ``config_cls`` must declare
     ``type: Literal[<name>]``. Raising here, or returning anything that is not a ``ConditionerSpec``,
     marks the plugin as *failed* (listed by ``ldmkit plugins`` with the error) without affecting the
-    others.
+    others. If another installed plugin provides the same name, both are listed as ``conflict`` and
+    that one name is withheld: a config using it is refused (naming both providers and
+    ``LDMKIT_DISABLE_PLUGINS``), everything else keeps working.
+
+    A conditioner that reads a field the core does not know (built-in: ``label``, ``caption``,
+    ``boxes``, ``segmentation``, ``lowres``, ``mask``) declares it in its spec's ``fields`` as a
+    :class:`~ldmkit.types.ConditionField` — its name, the type of one value and, optionally, how to
+    derive it from a data set's :class:`~ldmkit.Sample` — so that training data, manifests,
+    ``ldmkit sample --cond NAME=...`` and ``model(NAME=...)`` all speak it (see the template plugin).
 
     A complete example plugin — a conditioner turning a brightness in [0, 1] into a vector::
 
@@ -67,7 +75,8 @@ def ldmkit_conditioners() -> Iterable[ConditionerSpec]:
                 self.null_vector = nn.Parameter(torch.zeros(config.dim))
 
             def validate_one(self, value, index):
-                if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                # bool is an int subclass: refuse True/False explicitly
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                     raise ConditionInputError(self.key, f"got {value!r}", "a number in [0, 1]", index)
                 return float(value)
 

@@ -15,11 +15,12 @@ INVALID = {"words": [[], [99], "abc"], "map": ["x", [[1.0]]], "level": ["high", 
 
 @pytest.mark.parametrize("spec", [WORDS, MAP, LEVEL], ids=lambda s: s.name)
 def test_good_conditioners_pass_every_check(spec):
-    assert check_conditioner(spec, invalid_inputs=INVALID[spec.name]) == list(CHECKS)
+    # toys are not installed distributions: the discovery check is skipped explicitly
+    assert check_conditioner(spec, invalid_inputs=INVALID[spec.name], installed=False) == list(CHECKS)
 
 
-# The one-line form, as a plugin author writes it:
-TestWordsConformance = conformance_tests(WORDS, invalid_inputs=INVALID["words"])
+# The one-line form, as a plugin author writes it (installed=False only because toys are not installed):
+TestWordsConformance = conformance_tests(WORDS, invalid_inputs=INVALID["words"], installed=False)
 
 
 def broken(cls_name, base=Level, **methods):
@@ -140,6 +141,85 @@ def test_catches_dropout_not_replacing_by_null():
         return ConditionOutput(Route.VECTOR, self.null_vec.expand(batch_size, -1) + torch.randn(batch_size, self.output_dim))
 
     assert "dropout" in assert_caught(spec_for(broken("Flaky", null=null)), "dropout")
+
+
+def test_dropout_check_names_the_conditioner_whose_null_is_one_token_short():
+    from toys import WORDS, Words
+
+    def null(self, batch_size):  # M - 1 tokens: the null check says so, and dropout must too
+        out = Words.null(self, batch_size)
+        return ConditionOutput(Route.TOKENS, out.value[:, :-1], out.mask[:, :-1])
+
+    msg = assert_caught(spec_for(broken("ShortNull", base=Words, null=null), WORDS), "dropout")
+    assert "conditioner 'words'" in msg and "null(3) has shape (3, 3, 8)" in msg and "cannot mix" not in msg
+
+
+def test_catches_null_that_does_not_follow_the_device():
+    def null(self, batch_size):  # a bare tensor: stays on the CPU when the model moves
+        return ConditionOutput(Route.VECTOR, torch.zeros(batch_size, self.output_dim) + 1.0)
+
+    msg = assert_caught(spec_for(broken("Pinned", null=null)), "device")
+    assert "meta" in msg and "buffer" in msg
+
+
+def test_catches_null_that_does_not_follow_the_dtype():
+    def null(self, batch_size):
+        return ConditionOutput(Route.VECTOR, self.null_vec.float().to(self.null_vec.device).expand(batch_size, -1))
+
+    assert "float64" in assert_caught(spec_for(broken("Single", null=null)), "device")
+
+
+def test_catches_parameterless_conditioner_without_a_buffer():
+    def init(self, config, context):
+        Level.__init__(self, config, context)
+        del self.lin, self.null_vec
+
+    def null(self, batch_size):
+        return ConditionOutput(Route.VECTOR, torch.zeros(batch_size, self.output_dim))
+
+    assert "register_buffer" in assert_caught(spec_for(broken("Bare", __init__=init, null=null)), "device")
+
+
+def test_discovery_is_skipped_only_when_asked():
+    assert "installed=False" in assert_caught(LEVEL, "discovery")  # toys are not installed
+    assert check_conditioner(LEVEL, checks=["discovery"], installed=False) == ["discovery"]
+
+
+DISCOVERY_PLUGIN = """
+from toys import LEVEL
+
+{decorator}
+def {hook}():
+    return [LEVEL]
+"""
+
+
+@pytest.mark.parametrize("decorator,hook,message", [
+    ("", "ldmkit_conditioners", "not decorated with @ldmkit.hookimpl"),
+    ("from ldmkit import hookimpl\n@hookimpl", "ldmkit_conditioner", "did you mean ldmkit_conditioners"),
+])
+def test_discovery_catches_a_plugin_its_entry_point_cannot_load(tmp_path, monkeypatch, decorator, hook, message):
+    """A missing @hookimpl or a misspelled hook passes every other check (they test the spec directly)."""
+    from fixtures.dists import make_dist
+
+    module = f"ldmkit_levelpkg_{'marked' if decorator else 'unmarked'}"  # a fresh module per case
+    path = make_dist(tmp_path, "ldmkit-levelpkg", "levelpkg", module, DISCOVERY_PLUGIN.format(decorator=decorator, hook=hook))
+    monkeypatch.syspath_prepend(str(path))  # importlib.metadata now sees its entry point
+    checks = [c for c in CHECKS if c != "discovery"]
+    assert check_conditioner(LEVEL, invalid_inputs=INVALID["level"], checks=checks) == checks
+    msg = assert_caught(LEVEL, "discovery")
+    assert "levelpkg" in msg and message in msg
+
+
+def test_discovery_passes_for_a_correctly_installed_plugin_and_catches_a_clash(tmp_path, monkeypatch):
+    from fixtures.dists import make_dist
+
+    good = DISCOVERY_PLUGIN.format(decorator="from ldmkit import hookimpl\n@hookimpl", hook="ldmkit_conditioners")
+    monkeypatch.syspath_prepend(str(make_dist(tmp_path / "a", "ldmkit-levelpkg", "levelpkg", "ldmkit_levelpkg_ok", good)))
+    assert check_conditioner(LEVEL, checks=["discovery"]) == ["discovery"]
+    monkeypatch.syspath_prepend(str(make_dist(tmp_path / "b", "ldmkit-levelpkg2", "levelpkg2", "ldmkit_levelpkg_two", good)))
+    msg = assert_caught(LEVEL, "discovery")
+    assert "'levelpkg'" in msg and "'levelpkg2'" in msg and "LDMKIT_DISABLE_PLUGINS" in msg
 
 
 def test_catches_torch_errors_on_invalid_input():

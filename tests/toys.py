@@ -59,9 +59,10 @@ class Words(Conditioner):
         return ConditionOutput(Route.TOKENS, self.emb(ids) * mask[..., None], mask)
 
     def null(self, batch_size: int) -> ConditionOutput:
-        value = torch.zeros(batch_size, self.config.max_len, self.config.dim)
-        value[:, 0] = self.null_token
-        mask = torch.zeros(batch_size, self.config.max_len, dtype=torch.bool)
+        tok = self.null_token
+        value = torch.zeros(batch_size, self.config.max_len, self.config.dim, device=tok.device, dtype=tok.dtype)
+        value[:, 0] = tok
+        mask = torch.zeros(batch_size, self.config.max_len, dtype=torch.bool, device=tok.device)
         mask[:, 0] = True
         return ConditionOutput(Route.TOKENS, value, mask)
 
@@ -73,7 +74,7 @@ class MapConfig(ConditionerConfig):
 
 
 class MapCond(Conditioner):
-    """An (h, w) float map at latent size → channels via a 1x1 conv."""
+    """An (h, w) float map at the current latent size (``latent_hw``) → channels via a 1x1 conv."""
 
     route = Route.CHANNELS
 
@@ -83,10 +84,10 @@ class MapCond(Conditioner):
         self.conv = nn.Conv2d(1, config.channels, 1)
 
     def validate_one(self, value: Any, index: int) -> torch.Tensor:
-        size = self.context.latent_size
+        h, w = self.latent_hw
         t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, str) else None
-        if t is None or tuple(t.shape) != (size, size):
-            raise ConditionInputError(self.key, f"expected a {size}x{size} map", f"{size}x{size} numbers", index)
+        if t is None or tuple(t.shape) != (h, w):
+            raise ConditionInputError(self.key, f"expected a {h}x{w} map", f"{h}x{w} numbers", index)
         return t
 
     def collate(self, values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -96,8 +97,9 @@ class MapCond(Conditioner):
         return ConditionOutput(Route.CHANNELS, self.conv(x))
 
     def null(self, batch_size: int) -> ConditionOutput:
-        s = self.context.latent_size
-        return ConditionOutput(Route.CHANNELS, torch.zeros(batch_size, self.config.channels, s, s))
+        w = self.conv.weight
+        return ConditionOutput(Route.CHANNELS, torch.zeros(batch_size, self.config.channels, *self.latent_hw,
+                                                           device=w.device, dtype=w.dtype))
 
 
 class LevelConfig(ConditionerConfig):

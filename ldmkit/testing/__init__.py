@@ -23,9 +23,20 @@ batch_independence     sample i's output does not depend on the other samples in
 frozen                 with ``trainable: false`` nothing gets a gradient or changes in an
                        optimizer step, and ``train()`` leaves it in eval mode
 safetensors_roundtrip  weights saved with safetensors load into a fresh instance, same outputs
-dropout                dropout 1 gives the null output, dropout 0 the conditioned one
+dropout                dropout 1 gives the null output, dropout 0 the conditioned one; a null
+                       that cannot replace an output is reported naming the conditioner
 invalid_input          each invalid input raises ConditionInputError naming the field
+device                 ``null`` follows the module: on the meta device and in float64 it is
+                       made there (create it from a parameter or a buffer, not a bare tensor)
+discovery              the *installed* plugin, found through the ``ldmkit`` entry-point group
+                       like any user finds it, yields this very spec under a name no other
+                       plugin uses (catches a missing ``@hookimpl``, a misspelled hook, an
+                       entry point pointing elsewhere, a name clash)
 ====================== ======================================================================
+
+``discovery`` needs the distribution installed (``pip install -e .``). To unit-test a spec before it
+is installed, say so explicitly: ``conformance_tests(SPEC, installed=False)`` (or
+``check_conditioner(SPEC, installed=False)``) skips that one check.
 """
 
 from __future__ import annotations
@@ -60,8 +71,10 @@ class Harness:
         invalid_inputs: Sequence[Any] = (),
         context: ConditionerContext | None = None,
         atol: float = 1e-5,
+        installed: bool = True,
     ):
         self.spec = spec
+        self.installed = installed
         if isinstance(config, ConditionerConfig):
             config = config.model_dump()
         self.config_data = {"type": spec.name, **(config or {})}
@@ -242,11 +255,14 @@ def check_dropout(h: Harness) -> None:
         stack.train()
         c = next(iter(stack.conditioners.values()))
         torch.manual_seed(0)
-        with torch.no_grad():
-            got = stack.compose(stack.encode({c.key: h.inputs}))
-            stack.eval()
-            ref_outputs = stack.nulls(len(h.inputs)) if expect_null else stack.encode({c.key: h.inputs})
-            ref = stack.compose(ref_outputs)
+        try:
+            with torch.no_grad():
+                got = stack.compose(stack.encode({c.key: h.inputs}))
+                stack.eval()
+                ref_outputs = stack.nulls(len(h.inputs)) if expect_null else stack.encode({c.key: h.inputs})
+                ref = stack.compose(ref_outputs)
+        except (ValueError, RuntimeError) as exc:
+            _fail("dropout", f"with dropout={p} composing conditioner {c.name!r} failed: {exc}")
         for field in ("context", "channels", "vector", "context_mask"):
             a, b = getattr(got, field), getattr(ref, field)
             if (a is None) != (b is None) or (a is not None and not h.close(a, b)):
@@ -270,6 +286,69 @@ def check_invalid_input(h: Harness) -> None:
         _fail("invalid_input", f"invalid input {bad!r} was accepted")
 
 
+def check_device(h: Harness) -> None:
+    c = h.build().eval()
+    tensors = list(c.parameters()) + list(c.buffers())
+    if not tensors:
+        _fail("device", f"{type(c).__name__} has no parameter or buffer, so null() cannot know the device the "
+                        "model was moved to; register one, e.g. self.register_buffer('anchor', torch.zeros(0), "
+                        "persistent=False), and create the null with device=self.anchor.device")
+    for target in (torch.device("meta"), torch.float64):
+        moved = h.build().eval().to(target)
+        try:
+            null = moved.null(2)
+        except Exception as exc:
+            _fail("device", f"null(2) failed after .to({target}): {type(exc).__name__}: {exc}")
+        if isinstance(target, torch.device):
+            places = {"value": null.value.device, **({"mask": null.mask.device} if null.mask is not None else {})}
+            wrong = {k: str(d) for k, d in places.items() if d.type != target.type}
+            if wrong:
+                _fail("device", f"after .to('{target}') null() made its {', '.join(wrong)} on {', '.join(set(wrong.values()))}: "
+                                "create it from a parameter or buffer (device=self.some_buffer.device)")
+        elif any(t.is_floating_point() for t in tensors) and null.value.dtype != target:
+            _fail("device", f"after .to({target}) null() is {null.value.dtype}: build it from the module's "
+                            "parameters/buffers (or dtype=...) so it follows the model's dtype")
+
+
+def check_discovery(h: Harness) -> None:
+    if not h.installed:
+        return  # explicitly skipped: unit-testing a spec before its distribution is installed
+    from ldmkit.plugins import ENTRY_POINT_GROUP, PluginManager
+    from ldmkit.registry import Registry
+
+    pm = PluginManager()
+    pm.load_entry_points()
+    registry = Registry(pm)
+    name = h.spec.name
+    if name in registry.conflicts:
+        _fail("discovery", registry.conflict_message(name))
+    found = registry.specs.get(name)
+    if found is None:
+        problems = [f"{r.name} ({r.distribution}): {r.error}" for r in pm.records.values() if r.status == "failed"]
+        _fail("discovery",
+              f"no installed plugin provides {name!r} through the {ENTRY_POINT_GROUP!r} entry-point group. Is the "
+              f"distribution installed (pip install -e .), does [project.entry-points.{ENTRY_POINT_GROUP}] point at "
+              "the module, and is ldmkit_conditioners spelled right and decorated with @ldmkit.hookimpl?"
+              + (f" Failed plugins: {'; '.join(problems)}" if problems else "")
+              + " (to test a spec before installing it, pass installed=False)")
+    if not (_same(found.config_cls, h.spec.config_cls) and _same(found.build, h.spec.build)):
+        _fail("discovery", f"the installed plugin {registry.providers[name]!r} provides a different {name!r} "
+                           f"({_qualname(found.build)}) than the spec under test ({_qualname(h.spec.build)})")
+    for f in h.spec.fields:
+        if f.name in registry.field_conflicts:
+            _fail("discovery", registry.conflict_message(f.name))
+        if f.name not in registry.fields:
+            _fail("discovery", f"field {f.name!r} is declared by the spec but not registered by the installed plugin")
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or _qualname(a) == _qualname(b)
+
+
 CHECKS: dict[str, Callable[[Harness], None]] = {
     "config_roundtrip": check_config_roundtrip,
     "declared_route": check_declared_route,
@@ -281,6 +360,8 @@ CHECKS: dict[str, Callable[[Harness], None]] = {
     "safetensors_roundtrip": check_safetensors_roundtrip,
     "dropout": check_dropout,
     "invalid_input": check_invalid_input,
+    "device": check_device,
+    "discovery": check_discovery,
 }
 
 
@@ -292,13 +373,16 @@ def check_conditioner(
     invalid_inputs: Sequence[Any] = (),
     context: ConditionerContext | None = None,
     checks: Iterable[str] | None = None,
+    installed: bool = True,
 ) -> list[str]:
-    """Run the conformance checks (all, or those named); return their names. Raises ConformanceError."""
+    """Run the conformance checks (all, or those named); return their names. Raises ConformanceError.
+
+    ``installed=False`` skips ``discovery`` (for a spec whose distribution is not installed yet)."""
     names = list(checks) if checks is not None else list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise ValueError(f"unknown check(s) {', '.join(unknown)}; allowed: {', '.join(CHECKS)}")
-    h = Harness(spec, config, inputs, invalid_inputs, context)
+    h = Harness(spec, config, inputs, invalid_inputs, context, installed=installed)
     for name in names:
         CHECKS[name](h)
     return names
@@ -313,9 +397,10 @@ class ConditionerTests:
     inputs: Sequence[Any] | None = None
     invalid_inputs: Sequence[Any] = ()
     context: ConditionerContext | None = None
+    installed: bool = True
 
     def harness(self) -> Harness:
-        return Harness(self.spec, self.config, self.inputs, self.invalid_inputs, self.context)
+        return Harness(self.spec, self.config, self.inputs, self.invalid_inputs, self.context, installed=self.installed)
 
 
 def _make_test(name: str) -> Callable[[ConditionerTests], None]:
@@ -338,14 +423,18 @@ def conformance_tests(
     inputs: Sequence[Any] | None = None,
     invalid_inputs: Sequence[Any] = (),
     context: ConditionerContext | None = None,
+    installed: bool = True,
 ) -> type[ConditionerTests]:
-    """A pytest test class running every check on ``spec``: ``TestX = conformance_tests(SPEC, ...)``."""
+    """A pytest test class running every check on ``spec``: ``TestX = conformance_tests(SPEC, ...)``.
+
+    ``installed=False`` skips the ``discovery`` check, explicitly (before the plugin is installed)."""
     attrs = {
         "spec": spec,
         "config": config,
         "inputs": inputs,
         "invalid_inputs": tuple(invalid_inputs),
         "context": context,
+        "installed": installed,
         "__test__": True,
     }
     return type(f"Test{spec.name.title().replace('_', '')}Conformance", (ConditionerTests,), attrs)
