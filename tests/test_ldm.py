@@ -244,3 +244,50 @@ def test_pipeline_call_returns_pil_images(ae_path, tmp_path):
 def test_bf16_autocast_trains(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "bf16", steps=2, precision="bf16", ckpt_every=2)
     assert train_diffusion(cfg, progress=False).is_file()
+
+
+def test_a_channels_conditioned_model_samples_at_twice_its_training_size(ae_path, tmp_path, fresh_plugins):
+    """Convolutional sampling (paper §4.3.2) with a channels conditioner: inputs, outputs and nulls at
+    the asked latent size, from Python and from `ldmkit sample --height`."""
+    import numpy as np
+
+    from ldmkit import ConditionInputError
+    from ldmkit.cli import main
+    from toys import ToyPlugin
+
+    fresh_plugins.get_plugin_manager(extra=[("toys", ToyPlugin())])
+    data = train_cfg(ae_path, tmp_path / "x").model.model_dump()
+    data["conditioning"]["conditioners"] = [{"type": "map", "channels": 2, "dropout": 0.1}]
+    cfg = load_config(data)
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
+    assert model.stack.wiring().extra_in_channels == 2
+    big = model.sample({"map": [np.ones((16, 16)).tolist()] * 2}, steps=2, height=64, width=64)
+    assert big.shape == (2, 3, 64, 64)
+    wide = model.sample({"map": [np.ones((8, 16)).tolist()]}, steps=2, height=32, width=64)
+    assert wide.shape == (1, 3, 32, 64)
+    assert model.sample({"map": [np.ones((8, 8)).tolist()]}, steps=1).shape == (1, 3, 32, 32)  # training size again
+    assert model.sample(n=1, steps=1, height=64, width=64).shape == (1, 3, 64, 64)  # nulls follow the size too
+    with pytest.raises(ConditionInputError, match=r"condition 'map' \(sample 0\): expected a 16x16 map"):
+        model.sample({"map": [np.ones((8, 8)).tolist()]}, steps=1, height=64, width=64)
+
+    path = save_ldm(model, tmp_path / "map.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps(np.eye(16).tolist()))
+    out = tmp_path / "s"
+    assert main(["sample", str(path), "--cond", f"map=@{tmp_path / 'm.json'}", "--height", "64", "--width", "64",
+                 "--n", "1", "--steps", "2", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out / "0000.png").size == (64, 64)
+
+
+def test_sample_cli_takes_string_fields_verbatim(ae_path, tmp_path):
+    """`--cond caption=12` is the caption "12" (JSON parsing would make it a number and refuse it)."""
+    from ldmkit.cli import main
+
+    data = train_cfg(ae_path, tmp_path / "x").model.model_dump()
+    data["conditioning"]["conditioners"] = [{"type": "text", "width": 16, "layers": 1, "heads": 2, "context_length": 8}]
+    model = LatentDiffusion(load_config(data), Autoencoder(AutoencoderConfig(**TINY_AE)))
+    path = save_ldm(model, tmp_path / "t.safetensors")
+    assert main(["sample", str(path), "--cond", "caption=12", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o/0000.json").read_text())["conditions"] == {"caption": "12"}

@@ -198,48 +198,49 @@ class LatentDiffusion(nn.Module):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (b, self.config.latent_channels, height // f, width // f)
         x_T = torch.randn(shape, generator=generator).to(device)
-        model_fn: Callable[[Tensor, Tensor], Tensor]
-        if self.stack.names:
-            outputs = self.stack.encode(conditions, names=self.stack.names_for(conditions), device=device)
-            neg = None
-            if negative:
-                negative = self.check_conditions(negative)
-                neg = self.stack.encode(negative, names=self.stack.names_for(negative), device=device)
-            if not outputs and not neg:  # fully unconditional: the null of every conditioner
-                outputs = {}
-                cond = self.stack.compose(self.stack.nulls(b), {n: True for n in self.stack.names})
+        with self.stack.at_latent_size(height // f, width // f):  # channels conditioners follow the size
+            model_fn: Callable[[Tensor, Tensor], Tensor]
+            if self.stack.names:
+                outputs = self.stack.encode(conditions, names=self.stack.names_for(conditions), device=device)
+                neg = None
+                if negative:
+                    negative = self.check_conditions(negative)
+                    neg = self.stack.encode(negative, names=self.stack.names_for(negative), device=device)
+                if not outputs and not neg:  # fully unconditional: the null of every conditioner
+                    outputs = {}
+                    cond = self.stack.compose(self.stack.nulls(b), {n: True for n in self.stack.names})
 
-                def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                    return self.unet_call(x, t, cond)
+                    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                        return self.unet_call(x, t, cond)
+                else:
+                    scales = guidance
+                    if isinstance(guidance, Mapping):
+                        scales = {k: v for k, v in guidance.items()}
+                        unknown = [k for k in scales if k not in self.stack.names]
+                        if unknown:
+                            raise ValueError(
+                                f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
+                                f"this model has: {', '.join(self.stack.names)}"
+                            )
+                        ungiven = [k for k in scales if k not in outputs and scales[k] != 0]
+                        if explicit_guidance and ungiven:
+                            keys = {self.stack.conditioners[k].key for k in ungiven}
+                            raise ValueError(
+                                f"guidance for {', '.join(map(repr, ungiven))}, but no value was given for the key(s) "
+                                f"{', '.join(sorted(keys))} they read; give those conditions or drop their scales"
+                            )
+                        for name in outputs:
+                            scales.setdefault(name, 1.0)
+                        scales = {k: v for k, v in scales.items() if k in outputs}
+                    model_fn = GuidedDenoiser(self.unet, self.stack, outputs, scales, negative_outputs=neg)
             else:
-                scales = guidance
-                if isinstance(guidance, Mapping):
-                    scales = {k: v for k, v in guidance.items()}
-                    unknown = [k for k in scales if k not in self.stack.names]
-                    if unknown:
-                        raise ValueError(
-                            f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
-                            f"this model has: {', '.join(self.stack.names)}"
-                        )
-                    ungiven = [k for k in scales if k not in outputs and scales[k] != 0]
-                    if explicit_guidance and ungiven:
-                        keys = {self.stack.conditioners[k].key for k in ungiven}
-                        raise ValueError(
-                            f"guidance for {', '.join(map(repr, ungiven))}, but no value was given for the key(s) "
-                            f"{', '.join(sorted(keys))} they read; give those conditions or drop their scales"
-                        )
-                    for name in outputs:
-                        scales.setdefault(name, 1.0)
-                    scales = {k: v for k, v in scales.items() if k in outputs}
-                model_fn = GuidedDenoiser(self.unet, self.stack, outputs, scales, negative_outputs=neg)
-        else:
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.unet(x, t)
+                def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                    return self.unet(x, t)
 
-        denoise = as_eps_denoiser(model_fn, self.schedule)
-        run = get_sampler(sampler)
-        z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
-                callback=callback, **sampler_options)
+            denoise = as_eps_denoiser(model_fn, self.schedule)
+            run = get_sampler(sampler)
+            z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
+                    callback=callback, **sampler_options)
         return self.decode_latents(z).clamp(-1, 1)
 
 
