@@ -256,11 +256,11 @@ def check_dropout(h: Harness) -> None:
         c = next(iter(stack.conditioners.values()))
         torch.manual_seed(0)
         try:
-            with torch.no_grad():
-                got = stack.compose(stack.encode({c.key: h.inputs}))
-                stack.eval()
-                ref_outputs = stack.nulls(len(h.inputs)) if expect_null else stack.encode({c.key: h.inputs})
-                ref = stack.compose(ref_outputs)
+            with torch.no_grad():  # one encode, in training mode: a conditioner may augment while training
+                outputs = stack.encode({c.key: h.inputs})
+                got = stack.compose(outputs)  # training dropout applies
+                ref_outputs = stack.nulls(len(h.inputs)) if expect_null else outputs
+                ref = stack.compose(ref_outputs, {c.name: True})
         except (ValueError, RuntimeError) as exc:
             _fail("dropout", f"with dropout={p} composing conditioner {c.name!r} failed: {exc}")
         for field in ("context", "channels", "vector", "context_mask"):
