@@ -99,12 +99,18 @@ def cmd_wiring(args: argparse.Namespace) -> int:
     from ldmkit.config import load_config
     from ldmkit.wiring import describe_wiring
 
-    from ldmkit.config import load_yaml
+    from ldmkit.config import ConfigError, load_yaml
 
     data = load_yaml(args.config)
-    if isinstance(data, dict) and isinstance(data.get("model"), dict) and "steps" in data:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: a model config must be a YAML mapping, got "
+                          f"{'an empty file' if data is None else type(data).__name__}")
+    if isinstance(data.get("model"), dict) and "steps" in data:
         data = data["model"]  # a training recipe: wire its model
-    desc = describe_wiring(load_config(data))
+    try:
+        desc = describe_wiring(load_config(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     if args.json:
         print(json.dumps(desc, indent=2))
     else:
@@ -259,9 +265,12 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 def cmd_data_preview(args: argparse.Namespace) -> int:
     from ldmkit.data.preview import preview_grid
 
+    out = Path(args.out)
+    if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}:
+        hint = f"; it is a directory: try {out / 'preview.png'}" if out.is_dir() else ""
+        raise ValueError(f"--out {out} must be an image file name ending in .png, .jpg, .jpeg, .webp or .bmp{hint}")
     samples = _take(_open_dataset(args), args.n)
     grid = preview_grid(samples, cols=args.cols, scale=args.scale)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     print(f"wrote {out} ({len(samples)} samples, {grid.width}x{grid.height})")
@@ -351,10 +360,15 @@ def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | N
 
 
 def _number(text: str, what: str) -> float:
+    import math
+
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{what}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: expected a finite number, got {text!r}")
+    return value
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -368,7 +382,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {}
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    if args.steps:
+    if args.steps is not None:  # 0 is an error (validated below), not "the recipe's steps"
         overrides["steps"] = args.steps
     data = {**data, **overrides}
     if data["model"].get("kind") in ("kl", "vq"):
@@ -389,6 +403,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A model file from a diffusion training checkpoint (stop a run early and keep its EMA weights)."""
     from ldmkit.train.diffusion import export_model
 
+    if Path(args.out).exists() and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {args.out} is the checkpoint being exported; write the model file elsewhere")
     path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance),
                         dtype=args.dtype)
     print(f"wrote {path}")
@@ -435,23 +451,54 @@ def _parse_value(text: str, key: str = "value") -> Any:
         return text
 
 
+#: ``ldmkit sample`` samples and writes this many images at a time (so --n is bounded by disk, not memory).
+SAMPLE_CHUNK = 64
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive number of pixels, got {value}")
+    if not 0 <= args.seed < 2**62:
+        raise ValueError(f"--seed must be in 0..2**62-1, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the PNGs, JSON and grid.png")
+    if out.is_dir() and not args.overwrite:
+        earlier = sorted(p.name for p in out.iterdir() if p.name == "grid.png" or p.name[:4].isdigit())
+        if earlier:
+            raise FileExistsError(f"--out {out} already holds earlier samples ({', '.join(earlier[:3])}"
+                                  f"{', ...' if len(earlier) > 3 else ''}); pass --overwrite or choose another directory")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from PIL import Image
+    from tqdm import tqdm
 
     from ldmkit.api import load, model_kind
     from ldmkit.data.preview import image_rows
     from ldmkit.models.ldm import tensor_to_images
 
+    _check_sample_args(args)
     if model_kind(args.model) != "latent_diffusion":
         raise ValueError(f"{args.model} is not a diffusion model; `ldmkit sample` needs one")
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
     model = load(args.model)
+    f = model.config.downsample_factor
+    height, width = args.height or model.config.image_size, args.width or model.config.image_size
+    multiple = f * model.unet.min_size_multiple
+    for flag, value in (("--height", height), ("--width", width)):
+        if value % multiple:
+            raise ValueError(f"{flag} must be a multiple of {multiple} for this model, got {value}")
     accepted = sorted(model.stack.accepted_keys())
     raw: dict[str, dict[str, str]] = {"--cond": {}, "--negative": {}}
     text_fields = _text_fields()  # caption=12 is the caption "12", not the number 12
     recorded: dict[str, dict[str, Any]] = {}  # for the JSON: values as given, files by their @path
-    batches: dict[str, dict[str, list[Any]]] = {}
+    values: dict[str, dict[str, Any]] = {}
     for flag, items in (("--cond", args.cond), ("--negative", args.negative)):
         for item in items or []:
             key, sep, value = item.partition("=")
@@ -460,36 +507,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if key in raw[flag]:
                 raise ValueError(f"{flag} {key} given twice")
             raw[flag][key] = value
-        values = {k: v if k in text_fields and not v.startswith("@") else _parse_value(v, f"{flag} {k}")
-                  for k, v in raw[flag].items()}
-        recorded[flag] = {k: raw[flag][k] if raw[flag][k].startswith("@") else v for k, v in values.items()}
-        batch = model.check_conditions({k: [v] * args.n for k, v in values.items()})
-        f = model.config.downsample_factor
-        with model.stack.at_latent_size((args.height or model.config.image_size) // f,
-                                        (args.width or model.config.image_size) // f):
+        values[flag] = {k: v if k in text_fields and not v.startswith("@") else _parse_value(v, f"{flag} {k}")
+                        for k, v in raw[flag].items()}
+        recorded[flag] = {k: raw[flag][k] if raw[flag][k].startswith("@") else v for k, v in values[flag].items()}
+        batch = model.check_conditions({k: [v] for k, v in values[flag].items()})
+        with model.stack.at_latent_size(height // f, width // f):
             for key, column in batch.items():  # validate the values before any sampling, at the asked size
                 for name in model.stack.accepted_keys()[key]:
                     model.stack.conditioners[name].prepare(column)
-        batches[flag] = batch
-    batch, negative = batches["--cond"], batches["--negative"]
     guidance = _parse_guidance(args.guidance)
     if guidance is None:  # the model's default, written out so that the JSON reproduces the image
         guidance = model.config.guidance
-    images = tensor_to_images(model.sample(batch or None, n=None if batch else args.n, guidance=guidance,
-                                           negative=negative or None, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                           height=args.height, width=args.width))
+    model.check_memory(min(args.n, SAMPLE_CHUNK), height, width, guided=bool(model.stack.names))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(out / f"{i:04d}.png")
-        record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "sampler": args.sampler,
-                  "steps": args.steps, "guidance": guidance, "height": args.height, "width": args.width,
-                  "conditions": recorded["--cond"], "negative": recorded["--negative"],
-                  "command": "ldmkit " + " ".join(sys.argv[1:])}
-        (out / f"{i:04d}.json").write_text(json.dumps(record, indent=2) + "\n")
-    h, w = images.shape[1:3]
-    image_rows([images[i:i + 8] for i in range(0, len(images), 8)], scale=min(32, max(1, 256 // max(h, w)))).save(out / "grid.png")
-    print(f"wrote {len(images)} images, their JSON and {out / 'grid.png'}")
+    grid: list = []
+    chunks = range(0, args.n, SAMPLE_CHUNK)
+    for k, start in enumerate(tqdm(chunks, desc="sampling", unit="batch", disable=len(chunks) < 2)):
+        m = min(SAMPLE_CHUNK, args.n - start)
+        seed = args.seed + 1000 * k  # the first chunk is what one call with --n <= 64 gives
+        cond = {key: [v] * m for key, v in values["--cond"].items()}
+        neg = {key: [v] * m for key, v in values["--negative"].items()}
+        images = tensor_to_images(model.sample(cond or None, n=None if cond else m, guidance=guidance,
+                                               negative=neg or None, sampler=args.sampler, steps=args.steps,
+                                               seed=seed, height=args.height, width=args.width))
+        for j, im in enumerate(images):
+            i = start + j
+            Image.fromarray(im).save(out / f"{i:04d}.png")
+            record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "batch_seed": seed,
+                      "sampler": args.sampler, "steps": args.steps, "guidance": guidance, "height": args.height,
+                      "width": args.width, "conditions": recorded["--cond"], "negative": recorded["--negative"],
+                      "command": "ldmkit " + " ".join(sys.argv[1:])}
+            (out / f"{i:04d}.json").write_text(json.dumps(record, indent=2) + "\n")
+        grid.extend(images[: max(0, 64 - len(grid))])
+    h, w = grid[0].shape[:2]
+    image_rows([grid[i:i + 8] for i in range(0, len(grid), 8)], scale=min(32, max(1, 256 // max(h, w)))).save(out / "grid.png")
+    shown = "" if args.n <= 64 else " (the first 64)"
+    print(f"wrote {args.n} images, their JSON and {out / 'grid.png'}{shown}")
     return 0
 
 
@@ -617,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="larger than training size: convolutional sampling")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for PNGs, JSON and grid.png")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("zoo", help="list the shipped models with their eval results")
@@ -647,7 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handlers below
+        return status
     except CheckpointError as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2
@@ -665,6 +722,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ldmkit zoo | head -1`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, MemoryError) as exc:  # a path that cannot be written, a disk or memory limit
+        what = str(exc) or type(exc).__name__
+        print(f"ldmkit: error: {what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, and the traceback on request
+        import os
+        import traceback
+
+        if os.environ.get("LDMKIT_DEBUG"):
+            traceback.print_exc()
+        print(f"ldmkit: internal error: {type(exc).__name__}: {str(exc)[:500]}\n(please report it; set "
+              "LDMKIT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

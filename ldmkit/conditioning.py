@@ -286,6 +286,13 @@ class ConditioningStack(nn.Module):
     ) -> dict[str, ConditionOutput]:
         """Run each conditioner (or those in ``names``) on its batch field. Missing fields are errors."""
         device = torch.device(device) if device is not None else self._device()
+        if names is None:  # the whole batch is for this stack: a key no conditioner reads is a mistake
+            unknown = [k for k in batch if k not in self.accepted_keys()]
+            if unknown:
+                raise ConditionInputError(
+                    unknown[0], "no conditioner of this model reads it",
+                    allowed=", ".join(sorted(self.accepted_keys())) or "(none)",
+                )
         selected = list(names) if names is not None else self.names
         outputs: dict[str, ConditionOutput] = {}
         for name in selected:

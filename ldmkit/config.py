@@ -135,6 +135,27 @@ class LatentDiffusionConfig(BaseModel):
         "{conditioner name: scale}; 1 is no guidance. Zoo models store the scale their eval was run with",
     )
 
+    @field_validator("guidance")
+    @classmethod
+    def _finite_guidance(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        import math
+
+        scales = value.items() if isinstance(value, dict) else [("guidance", value)]
+        bad = [f"{k}={v}" for k, v in scales if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"guidance scales must be finite numbers; got {', '.join(bad)}")
+        return value
+
+    @model_validator(mode="after")
+    def _guided_names(self) -> "LatentDiffusionConfig":
+        if isinstance(self.guidance, dict):
+            names = [c.instance_name for c in self.conditioning.conditioners]
+            unknown = [k for k in self.guidance if k not in names]
+            if unknown:
+                raise ValueError(f"guidance names unknown conditioner(s) {', '.join(map(repr, unknown))}; "
+                                 f"this model has: {', '.join(names) or '(none)'}")
+        return self
+
     @model_validator(mode="after")
     def _sizes(self) -> "LatentDiffusionConfig":
         if self.image_size % self.downsample_factor:
@@ -155,8 +176,12 @@ def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.stat().st_size > 10 * 1024 * 1024:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (limit 10 MiB)")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8: {exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 

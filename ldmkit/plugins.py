@@ -20,6 +20,7 @@ import difflib
 import importlib.metadata as md
 import inspect
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
@@ -49,8 +50,11 @@ ENTRY_POINT_GROUP = "ldmkit"
 #: plugin here or it is silently left out of the schemas.
 FIRST_PARTY_DISTRIBUTIONS = (
     "ldmkit-class",
+    "ldmkit-inpaint",
     "ldmkit-layout",
+    "ldmkit-lowres",
     "ldmkit-plugin-template",
+    "ldmkit-semantic",
     "ldmkit-text",
 )
 
@@ -88,9 +92,25 @@ class PluginRecord:
         }
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """``ldmkit: warning: ...`` on stderr, once per process and message (misconfigured env vars)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"ldmkit: warning: {message}", file=sys.stderr)
+
+
 def strict_mode() -> bool:
-    """True when ``LDMKIT_STRICT_PLUGINS`` is set to a true value."""
-    return os.environ.get("LDMKIT_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when ``LDMKIT_STRICT_PLUGINS`` is set to a true value (a value that is neither true nor false
+    is warned about and treated as false)."""
+    value = os.environ.get("LDMKIT_STRICT_PLUGINS", "").strip().lower()
+    if value not in _TRUE | _FALSE:
+        warn_once(f"LDMKIT_STRICT_PLUGINS={value!r} is not a boolean (use 1/true/yes/on or 0/false/no/off); "
+                  "strict mode is off")
+    return value in _TRUE
 
 
 def disabled_names() -> set[str]:
@@ -162,6 +182,7 @@ class PluginManager(pluggy.PluginManager):
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP, only_distributions: Iterable[str] | None = None) -> None:
         """Load each entry point of ``group`` on its own; failures are recorded, not fatal."""
         only = {normalize_name(d) for d in only_distributions} if only_distributions is not None else None
+        strict_mode()  # warns now about a value that is not a boolean
         for ep in sorted(md.entry_points(group=group), key=lambda e: e.name):
             dist = ep.dist.metadata["Name"] if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
@@ -186,6 +207,11 @@ class PluginManager(pluggy.PluginManager):
                 self.records[name] = self._fail(name, version, dist, exc)
                 continue
             self.add_plugin(plugin, name, version=version, distribution=dist)
+        if only is None:
+            known = set(self.records) | {normalize_name(r.distribution) for r in self.records.values() if r.distribution}
+            for name in sorted(disabled_names() - known):
+                warn_once(f"LDMKIT_DISABLE_PLUGINS names {name!r}, which is no installed plugin "
+                          f"(installed: {', '.join(sorted(self.records)) or 'none'})")
 
     def mark_failed(self, name: str, exc: BaseException) -> None:
         """Record that an active plugin violated the hook spec and unregister it."""

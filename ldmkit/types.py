@@ -110,10 +110,20 @@ class ConditionOutput:
         return ConditionOutput(self.route, value, mask)
 
 
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text):,} characters in all)"
+
+
 class ConditionInputError(ValueError):
     """Raised for bad user input to a conditioner; names the field and what is allowed."""
 
+    #: Longest ``problem`` / ``allowed`` text kept: a 100,000-element value is not echoed whole.
+    MAX_TEXT = 300
+
     def __init__(self, field: str, problem: str, allowed: str | None = None, index: int | None = None):
+        problem, allowed = _clip(str(problem), self.MAX_TEXT), _clip(allowed, self.MAX_TEXT) if allowed else allowed
         self.field = field
         self.problem = problem
         self.allowed = allowed

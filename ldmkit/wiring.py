@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ldmkit.conditioning import ConditioningStack, StackConfig
@@ -22,8 +23,11 @@ def context_for(config: LatentDiffusionConfig, encode_image: Any = None) -> Cond
     )
 
 
-def build_stack(config: LatentDiffusionConfig, registry: Registry | None = None, encode_image: Any = None) -> ConditioningStack:
-    """Build every conditioner of ``config`` through its plugin and compose them in a stack."""
+def build_stack(config: LatentDiffusionConfig | dict | str | Path, registry: Registry | None = None,
+                encode_image: Any = None) -> ConditioningStack:
+    """Build every conditioner of ``config`` (a model config, a mapping or a YAML path) through its plugin
+    and compose them in a stack."""
+    config = _as_config(config)
     registry = registry or get_registry()
     context = context_for(config, encode_image)
     cond_cfg = config.conditioning
@@ -34,8 +38,19 @@ def build_stack(config: LatentDiffusionConfig, registry: Registry | None = None,
     return ConditioningStack(conditioners, stack_cfg)
 
 
-def describe_wiring(config: LatentDiffusionConfig, registry: Registry | None = None) -> dict[str, Any]:
+def _as_config(config: Any) -> LatentDiffusionConfig:
+    from ldmkit.config import load_config
+
+    if isinstance(config, LatentDiffusionConfig):
+        return config
+    if isinstance(config, (dict, str, Path)):
+        return load_config(config)  # a ConfigError naming the file and every bad field
+    raise TypeError(f"expected a LatentDiffusionConfig, a mapping or a YAML path; got {type(config).__name__}")
+
+
+def describe_wiring(config: LatentDiffusionConfig | dict | str | Path, registry: Registry | None = None) -> dict[str, Any]:
     """A JSON-ready description: each conditioner's route and size, and what the UNet is built with."""
+    config = _as_config(config)
     registry = registry or get_registry()
     stack = build_stack(config, registry)
     wiring = stack.wiring()

@@ -191,10 +191,23 @@ class _Loader:
         return image
 
 
+#: Largest image a data set decodes (pixels): more is refused before decoding (a decompression bomb
+#: of a few KB can claim gigapixels). 64 MP is a 8000 x 8000 photo.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 def _open(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ManifestError([f"{path}: {width}x{height} is {width * height / 1e6:,.0f} megapixels, more than "
+                                     f"the {MAX_IMAGE_PIXELS / 1e6:.0f} MP a data set decodes (decoding would need "
+                                     f"{width * height * 4 / 2**30:,.1f} GiB); downscale it first"])
+            im.load()
+            return im
+    except Image.DecompressionBombError as err:
+        raise ManifestError([f"{path}: refused as a decompression bomb ({err})"]) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -77,6 +77,8 @@ SPLIT_CODE: dict[str, int] = {"train": 0, "train-text": 1, "eval": 2, "eval-held
 DEFAULT_LENGTH: dict[str, int] = {"train": 1_000_000, "train-text": 1_000_000, "eval": 100_000,
                                   "eval-heldout": 100_000}
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
+#: Largest image side the world renders (a 2048 x 2048 scene needs about 0.6 GiB while rendering).
+MAX_SIZE = 2048
 #: The largest object's area is at least this many times any other object's area.
 LARGEST_MARGIN = 1.25
 MAX_OBJECTS = 4
@@ -270,6 +272,9 @@ def _check_args(split: str, size: int, seed: int) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(size, int) or size < 16 or size % 4:
         raise ValueError(f"size must be an int multiple of 4 and >= 16, got {size!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {size} is above the shapes world's limit of {MAX_SIZE} pixels: rendering one scene "
+                         f"would need about {size * size * 3 * 8 * 6 / 2**30:,.1f} GiB")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 

@@ -646,23 +646,17 @@ def load_autoencoder(path: str | os.PathLike[str], *, device: str | torch.device
     """
     from pydantic import ValidationError
 
-    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, load_module_state, metadata_config, read_metadata
 
     meta = read_metadata(path)
     kind = meta.get("ldmkit.kind")
     if kind != CHECKPOINT_KIND:
         hint = " (a training checkpoint: use the model.safetensors written at the end of training)" if kind else ""
         raise CheckpointError(f"{path} is not an autoencoder file: ldmkit.kind={kind!r}, expected {CHECKPOINT_KIND!r}{hint}")
-    if "ldmkit.config" not in meta:
-        raise CheckpointError(f"{path} has no 'ldmkit.config' metadata entry")
     try:
-        config = AutoencoderConfig.model_validate_json(meta["ldmkit.config"])
+        config = AutoencoderConfig.model_validate(metadata_config(path, meta))
     except ValidationError as e:
         raise CheckpointError(f"{path} holds an invalid autoencoder config: {e}") from None
     model = Autoencoder(config)
-    state = load_checkpoint(path).tensors
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config: {e}") from None
+    load_module_state(model, load_checkpoint(path).tensors, str(path))
     return model.to(device).eval()

@@ -189,11 +189,32 @@ class LatentDiffusion(nn.Module):
         if n is not None and n != b:
             raise ValueError(f"n={n} but the conditions hold {b} values")
         f = self.config.downsample_factor
-        height = height or self.config.image_size
-        width = width or self.config.image_size
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
         multiple = f * self.unet.min_size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}; got {height}x{width}")
+        for what, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+                raise ValueError(f"{what} must be a positive multiple of {multiple} pixels; got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 1000 * (b // self.max_batch + 1):
+            raise ValueError(f"seed must be an integer in 0..2**63-1 (less room for batch offsets); got {seed!r}")
+        self.check_memory(min(b, self.max_batch), height, width, guided=bool(self.stack.names))
+        if b > self.max_batch:  # divisible work: sample max_batch at a time (chunk k uses seed + 1000 k)
+            out_bytes = b * 3 * height * width * 4
+            if out_bytes > 0.5 * _available_memory(self.device):
+                raise MemoryError(
+                    f"{b:,} images of {height}x{width} need {_gib(out_bytes)} for the result alone, more than half "
+                    f"of this machine's {_gib(_available_memory(self.device))}; sample in parts "
+                    "(`ldmkit sample` writes images as it goes)"
+                )
+            parts = []
+            for k, start in enumerate(range(0, b, self.max_batch)):
+                part = {key: v[start : start + self.max_batch] for key, v in conditions.items()}
+                neg = {key: v[start : start + self.max_batch] for key, v in (negative or {}).items()} or None
+                parts.append(self.sample(part or None, n=None if part else min(self.max_batch, b - start),
+                                         guidance=guidance if explicit_guidance else None, negative=neg,
+                                         sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
+                                         width=width, callback=callback, **sampler_options))
+            return torch.cat(parts)
         device = self.device
         generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (b, self.config.latent_channels, height // f, width // f)
@@ -244,6 +265,45 @@ class LatentDiffusion(nn.Module):
         return self.decode_latents(z).clamp(-1, 1)
 
 
+    #: Larger requests are sampled this many images at a time (chunk k with seed + 1000 k).
+    max_batch = 256
+
+    def estimate_sampling_bytes(self, batch: int, height: int, width: int, guided: bool = True) -> int:
+        """A rough peak-memory estimate (bytes) of sampling ``batch`` images at ``height x width``.
+
+        The terms that grow fastest: self-attention scores at the finest transformer level
+        (``(B·branches)·heads·N²`` floats, N latent positions there), the UNet's feature maps, and the
+        decoder's full-resolution feature maps. Coarse by design: it is for refusing requests that
+        cannot fit (a 4096x4096 sample), not for budgeting."""
+        f = self.config.downsample_factor
+        cfg = self.config.unet
+        branches = 2 if guided else 1
+        b = batch * branches
+        h, w = height // f, width // f
+        attn = 0
+        feats = 0
+        for level, mult in enumerate(cfg.channel_mult):
+            n = (h >> level) * (w >> level)
+            feats = max(feats, 12 * b * cfg.model_channels * mult * n * 4)
+            if level in cfg.attention_levels:
+                attn = max(attn, b * cfg.num_heads * n * n * 4)
+        decoder = 0
+        if self.autoencoder is not None:
+            ae = self.autoencoder.config
+            decoder = 6 * batch * ae.ch * max(ae.ch_mult) * height * width * 4
+        return int(attn + feats + decoder + batch * 3 * height * width * 4)
+
+    def check_memory(self, batch: int, height: int, width: int, guided: bool = True) -> None:
+        """Refuse up front (MemoryError with the estimate) what cannot fit in this machine's memory."""
+        need = self.estimate_sampling_bytes(batch, height, width, guided)
+        have = _available_memory(self.device)
+        if need > 0.8 * have:
+            raise MemoryError(
+                f"sampling {batch} image(s) at {height}x{width} needs about {_gib(need)} (mostly self-attention over "
+                f"{(height // self.config.downsample_factor) * (width // self.config.downsample_factor):,} latent "
+                f"positions), more than this machine's {_gib(have)}; ask for a smaller size"
+            )
+
     _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback")
 
     def forward(self, conditions: Mapping[str, Sequence[Any]] | None = None, **kwargs: Any) -> list[Any]:
@@ -259,6 +319,20 @@ class LatentDiffusion(nn.Module):
         conds.update({k: v for k, v in kwargs.items() if k not in self._SAMPLE_OPTIONS})
         images = tensor_to_images(self.sample(conds or None, **options))
         return [Image.fromarray(im) for im in images]
+
+
+def _available_memory(device: torch.device) -> int:
+    """Total memory of the device (bytes): GPU memory for CUDA, physical RAM otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 16 GiB
+        return 16 * 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -282,19 +356,25 @@ def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 
     The configs are validated (and every conditioner's plugin looked up) before any tensor is read.
     """
+    from pydantic import ValidationError
+
     from ldmkit.config import ConfigError, load_config
-    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, load_module_state, metadata_config, read_metadata
 
     meta = read_metadata(path)
     if meta.get("ldmkit.kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a latent diffusion model: ldmkit.kind={meta.get('ldmkit.kind')!r}")
     try:
-        config = load_config(json.loads(meta["ldmkit.config"]))
+        config = load_config(metadata_config(path, meta))
     except ConfigError as exc:
         raise ConfigError(f"{path}: cannot rebuild the model: {exc}\n(is the plugin that provides it installed? see `ldmkit plugins`)") from None
     autoencoder = None
     if "ldmkit.autoencoder_config" in meta:
-        autoencoder = Autoencoder(AutoencoderConfig.model_validate_json(meta["ldmkit.autoencoder_config"]))
+        try:
+            ae_config = AutoencoderConfig.model_validate(metadata_config(path, meta, "ldmkit.autoencoder_config"))
+        except ValidationError as exc:
+            raise CheckpointError(f"{path} holds an invalid autoencoder config: {exc}") from None
+        autoencoder = Autoencoder(ae_config)
     model = LatentDiffusion(config, autoencoder, registry or get_registry())
     state = load_checkpoint(path).tensors
     groups: dict[str, dict[str, Tensor]] = {"unet": {}, "stack": {}, "autoencoder": {}}
@@ -303,11 +383,12 @@ def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
         if head not in groups:
             raise CheckpointError(f"{path}: unexpected tensor {key!r}")
         groups[head][rest] = value.float() if value.is_floating_point() else value
-    try:
-        model.unet.load_state_dict(groups["unet"], strict=True)
-        model.stack.load_state_dict(groups["stack"], strict=True)
-        if autoencoder is not None:
-            autoencoder.load_state_dict(groups["autoencoder"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match its config: {exc}") from None
+    for name, group in groups.items():  # checked before the float16 -> float32 upcast below hides an int tensor
+        bad = [k for k, v in group.items() if not v.is_floating_point() and k.endswith(("weight", "bias"))]
+        if bad:
+            raise CheckpointError(f"{path}: {name}.{bad[0]} is not floating point")
+    load_module_state(model.unet, groups["unet"], f"{path} (unet)")
+    load_module_state(model.stack, groups["stack"], f"{path} (conditioning stack)")
+    if autoencoder is not None:
+        load_module_state(autoencoder, groups["autoencoder"], f"{path} (autoencoder)")
     return model.to(device).eval()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,8 +44,11 @@ from ldmkit.train.checkpoint import (
     capture_rng_state,
     flatten_optimizer_state,
     load_checkpoint,
+    load_module_state,
     make_metadata,
+    metadata_config,
     module_tensors,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
     truncate_log,
@@ -334,7 +337,9 @@ def train_autoencoder(
     if resume:
         start = _restore(ckpt_path, cfg, model, disc, ema, opt_ae, opt_d)
         truncate_log(log_path, start)
-        _log(log_path, {"event": "resume", "step": start, "time": time.time()})
+        removed = remove_stale_temp_files(ckpt_path)  # a run killed mid-checkpoint leaves one behind
+        _log(log_path, {"event": "resume", "step": start, "time": time.time(),
+                        **({"removed_temp_files": len(removed)} if removed else {})})
     else:
         log_path.write_text("")
         _log(log_path, {"event": "start", "step": 0, "time": time.time(), "params": model.num_parameters(),
@@ -460,16 +465,19 @@ def _restore(
         raise CheckpointError(
             f"{path} is not an autoencoder training checkpoint (ldmkit.kind={ckpt.metadata.get('ldmkit.kind')!r})"
         )
-    saved = AutoencoderTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
+    try:
+        saved = AutoencoderTrainConfig.model_validate(metadata_config(path, ckpt.metadata))
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} holds an invalid training config: {exc}") from None
     changed = _config_diff(saved, cfg)
     if changed:
         raise ValueError(
             f"cannot resume {path}: the config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change"
         )
-    model.load_state_dict(ckpt.subset("model."), strict=True)
-    disc.load_state_dict(ckpt.subset("disc."), strict=True)
+    load_module_state(model, ckpt.subset("model."), f"{path} (model)")
+    load_module_state(disc, ckpt.subset("disc."), f"{path} (discriminator)")
     if ema is not None:
-        ema.model.load_state_dict(ckpt.subset("ema."), strict=True)
+        load_module_state(ema.model, ckpt.subset("ema."), f"{path} (ema)")
         ema.updates = int(ckpt.metadata["ldmkit.ema_updates"])
     opt_ae.load_state_dict(unflatten_optimizer_state(ckpt.tensors, ckpt.metadata, "opt_ae"))
     opt_d.load_state_dict(unflatten_optimizer_state(ckpt.tensors, ckpt.metadata, "opt_d"))

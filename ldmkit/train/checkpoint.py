@@ -48,6 +48,9 @@ __all__ = [
     "unflatten_optimizer_state",
     "capture_rng_state",
     "restore_rng_state",
+    "load_module_state",
+    "metadata_config",
+    "remove_stale_temp_files",
     "DIGEST_KEY",
 ]
 
@@ -172,6 +175,7 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Tensor], me
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+        remove_stale_temp_files(path)  # leftovers of an earlier writer that was killed mid-write
     except BaseException:
         try:
             os.unlink(tmp)
@@ -218,6 +222,7 @@ def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
         raise fail(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
+    _check_metadata(path, header)
     try:
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (KeyError, IndexError, TypeError, ValueError):
@@ -250,7 +255,75 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         header = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {path} is not a safetensors file: its header is a JSON "
+                              f"{type(header).__name__}, not an object")
+    _check_metadata(path, header)
     return dict(header.get("__metadata__") or {})
+
+
+def _check_metadata(path: Path, header: dict[str, Any]) -> None:
+    meta = header.get("__metadata__")
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its __metadata__ must map strings to strings, "
+                              f"got {type(meta).__name__}")
+
+
+def metadata_config(path: str | os.PathLike[str], metadata: dict[str, str], key: str = "ldmkit.config") -> Any:
+    """``json.loads(metadata[key])``, or a :class:`CheckpointError` naming the file and the entry."""
+    if key not in metadata:
+        raise CheckpointError(f"{path} has no {key!r} metadata entry (not written by ldmkit, or damaged)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata entry {key!r} is not valid JSON ({e})") from None
+
+
+def load_module_state(module: torch.nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    """``module.load_state_dict(tensors, strict=True)`` with every mismatch named, and nothing silently
+    converted: missing or unexpected tensors, wrong shapes, a non-float tensor where the module holds a
+    float one, NaN or inf values — each a :class:`CheckpointError` naming ``where`` and the tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    for name in sorted(set(own) & set(tensors)):
+        want, got = own[name], tensors[name]
+        if tuple(want.shape) != tuple(got.shape):
+            problems.append(f"{name} has shape {tuple(got.shape)}, the model's is {tuple(want.shape)}")
+        elif want.is_floating_point() and not got.is_floating_point():
+            problems.append(f"{name} is {got.dtype}, the model holds floating-point weights there")
+        elif got.is_floating_point() and got.numel() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{name} contains NaN or inf")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{where}: weights do not match the model: {shown}")
+    module.load_state_dict(tensors, strict=True)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the hidden temporary files a killed :func:`save_checkpoint` of ``path`` left behind
+    (``.NAME.*.tmp`` beside it); returns what was removed. Called on every save and on resume."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:

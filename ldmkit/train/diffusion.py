@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from ldmkit.config import LatentDiffusionConfig, load_config
@@ -36,8 +36,11 @@ from ldmkit.train.checkpoint import (
     CheckpointError,
     flatten_optimizer_state,
     load_checkpoint,
+    load_module_state,
     make_metadata,
+    metadata_config,
     module_tensors,
+    remove_stale_temp_files,
     save_checkpoint,
     truncate_log,
     unflatten_optimizer_state,
@@ -210,8 +213,8 @@ def _trainable_tensors(model: LatentDiffusion, prefix: str) -> dict[str, torch.T
 
 
 def _load_trainable(model: LatentDiffusion, ckpt: Any, prefix: str) -> None:
-    model.unet.load_state_dict(ckpt.subset(prefix + "unet."), strict=True)
-    model.stack.load_state_dict(ckpt.subset(prefix + "stack."), strict=True)
+    load_module_state(model.unet, ckpt.subset(prefix + "unet."), f"{ckpt.path} ({prefix}unet)")
+    load_module_state(model.stack, ckpt.subset(prefix + "stack."), f"{ckpt.path} ({prefix}stack)")
 
 
 def _sample_grid(path: Path, model: LatentDiffusion, data: _Data, cfg: DiffusionTrainConfig) -> None:
@@ -295,7 +298,8 @@ def train_diffusion(
         bar = tqdm(total=cfg.steps, initial=start, desc="ldm", unit="step", dynamic_ncols=True)
     if rank == 0 and resume:
         truncate_log(log_path, start)  # a killed run may have logged past its last checkpoint
-        _log(log_path, {"event": "resume", "step": start})
+        removed = remove_stale_temp_files(ckpt_path)  # and left a half-written checkpoint behind
+        _log(log_path, {"event": "resume", "step": start, **({"removed_temp_files": len(removed)} if removed else {})})
     if rank == 0 and not resume:
         log_path.write_text("")
         _log(log_path, {"event": "start", "config": json.loads(cfg.model_dump_json()), "world_size": world,
@@ -369,6 +373,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = Tru
     (``config.guidance``, validated); ``dtype`` the stored precision (default: the recipe's
     ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does.
     """
+    if Path(out).exists() and Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"{out} is the checkpoint being exported; write the model file elsewhere")
     ckpt, cfg = _read_train_checkpoint(checkpoint)
     model_cfg = cfg.model
     if guidance is not None:
@@ -387,7 +393,10 @@ def _read_train_checkpoint(path: str | Path) -> tuple[Any, DiffusionTrainConfig]
     ckpt = load_checkpoint(path)
     if ckpt.metadata.get("ldmkit.kind") != TRAIN_CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a diffusion training checkpoint")
-    return ckpt, DiffusionTrainConfig.model_validate_json(ckpt.metadata["ldmkit.config"])
+    try:
+        return ckpt, DiffusionTrainConfig.model_validate(metadata_config(path, ckpt.metadata))
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} holds an invalid training config: {exc}") from None
 
 
 def _save_state(path: Path, cfg: DiffusionTrainConfig, step: int, model: LatentDiffusion, ema: _EMA | None,

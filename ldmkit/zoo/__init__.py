@@ -13,6 +13,7 @@ Each entry ``NAME`` is three files in this folder:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ def resolve(ref: str | Path) -> Path:
     text = str(ref)
     if text.startswith(PREFIX):
         name = text[len(PREFIX):]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+            raise ZooError(f"zoo:{name!r} is not a zoo name (letters, digits, '-', '_', '.'; no paths); "
+                           f"available: {', '.join(list_zoo()) or '(none)'}")
         path = ZOO_DIR / f"{name}.safetensors"
         if not path.is_file():
             raise ZooError(f"no zoo model {name!r}; available: {', '.join(list_zoo()) or '(none)'}")

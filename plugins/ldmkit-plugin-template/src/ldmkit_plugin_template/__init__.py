@@ -58,8 +58,8 @@ class ScalarConfig(ConditionerConfig):
 
     type: Literal["scalar"] = "scalar"
     key: str = "brightness"
-    low: float = 0.0
-    high: float = 1.0
+    low: float = Field(default=0.0, allow_inf_nan=False)
+    high: float = Field(default=1.0, allow_inf_nan=False)
     dim: int = Field(default=64, ge=1, description="output vector width")
     num_frequencies: int = Field(default=8, ge=1, le=32)
 
