@@ -34,7 +34,7 @@ def test_conditioner_configs_are_the_plugins_own_models():
 
 
 def test_unknown_conditioner_type_lists_installed():
-    with pytest.raises(ConfigError, match=r"no conditioner 'sketch'; installed: class, layout, scalar, text"):
+    with pytest.raises(ConfigError, match=r"no conditioner 'sketch'; installed: class, inpaint, layout, lowres, noise_level, scalar, semantic, text"):
         load_config({"conditioning": {"conditioners": [{"type": "sketch"}]}})
 
 

@@ -137,7 +137,7 @@ def test_a_key_that_is_no_field_is_refused_before_training_naming_every_field(pa
         check_keys({"pallete": ["palette"]})
     msg = str(info.value)
     assert "conditioner(s) palette read 'pallete'" in msg and "built-in fields are label, caption" in msg
-    assert "brightness, palette" in msg
+    assert "brightness, inpaint, palette" in msg
 
 
 def test_manifests_accept_declared_fields_and_validate_them(palette_installed, tmp_path):
@@ -158,7 +158,7 @@ def test_manifests_accept_declared_fields_and_validate_them(palette_installed, t
         ManifestDataset(tmp_path / "bad.jsonl")
     msg = str(info.value)
     assert "bad.jsonl:1: palette: ['orange'] is invalid" in msg
-    assert "pallete: unknown field (allowed: image, caption, label, boxes, segmentation, mask, brightness, palette (declared by plugins))" in msg
+    assert "pallete: unknown field (allowed: image, caption, label, boxes, segmentation, mask, brightness, inpaint, palette (declared by plugins))" in msg
 
 
 def test_a_spec_cannot_declare_a_built_in_field_or_a_bad_type(fresh_plugins):
