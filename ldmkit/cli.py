@@ -530,11 +530,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         neg = {key: [v] * m for key, v in values["--negative"].items()}
         images = tensor_to_images(model.sample(cond or None, n=None if cond else m, guidance=guidance,
                                                negative=neg or None, sampler=args.sampler, steps=args.steps,
-                                               seed=seed, height=args.height, width=args.width))
+                                               seed=seed, height=args.height, width=args.width,
+                                               keep_known=args.keep_known, paste=args.paste))
         for j, im in enumerate(images):
             i = start + j
             Image.fromarray(im).save(out / f"{i:04d}.png")
             record = {"model": args.model, "index": i, "n": args.n, "seed": args.seed, "batch_seed": seed,
+                      "keep_known": args.keep_known, "paste": args.paste,
                       "sampler": args.sampler, "steps": args.steps, "guidance": guidance, "height": args.height,
                       "width": args.width, "conditions": recorded["--cond"], "negative": recorded["--negative"],
                       "command": "ldmkit " + " ".join(sys.argv[1:])}
@@ -672,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for PNGs, JSON and grid.png")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
+    p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
+                   help="inpainting: do not hold the known region's latents during sampling (default: held)")
+    p.add_argument("--paste", action="store_true", help="inpainting: paste the known pixels over the decoded images")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("zoo", help="list the shipped models with their eval results")

@@ -119,6 +119,19 @@ class Conditioner(nn.Module):
         """The unconditional output for classifier-free guidance, same shape as a real output."""
         raise NotImplementedError
 
+    # -- known regions (optional) -------------------------------------------------------------
+    def known_latents(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For conditioners that know part of the result (inpainting): ``(z0, known)`` for prepared
+        inputs — the known latents ``(B, latent_channels, h, w)`` and ``(B, 1, h, w)``, 1 where a latent
+        pixel is known — at :attr:`latent_hw`. Sampling then keeps that region (``keep_known``).
+        The default, None, means "nothing known"."""
+        return None
+
+    def known_pixels(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(image in [-1, 1] (B, 3, H, W), known (B, 1, H, W))`` to paste over the decoded result when
+        sampling with ``paste=True``; None (the default) pastes nothing."""
+        return None
+
     # -- freezing ------------------------------------------------------------------------------
     def freeze(self) -> "Conditioner":
         """No grad, eval mode, and kept in eval mode by ``train()``. Called by the core."""

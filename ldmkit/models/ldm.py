@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldmkit.conditioning import Conditioner
 from ldmkit.config import LatentDiffusionConfig
 from ldmkit.diffusion.guidance import GuidedDenoiser
 from ldmkit.diffusion.samplers import SAMPLERS, as_eps_denoiser, get_sampler
@@ -166,6 +167,8 @@ class LatentDiffusion(nn.Module):
         height: int | None = None,
         width: int | None = None,
         callback: Callable[[dict[str, Any]], Any] | None = None,
+        keep_known: bool = True,
+        paste: bool = False,
         **sampler_options: Any,
     ) -> Tensor:
         """Generate images in [-1, 1], shape (B, 3, H, W).
@@ -175,6 +178,11 @@ class LatentDiffusion(nn.Module):
         ``{conditioner name: scale}`` (per-conditioner form); ``None`` uses the model's default
         (``config.guidance``). ``height``/``width`` larger than the
         training size sample convolutionally (paper §4.3.2).
+
+        Conditioners that know part of the result (inpainting: :meth:`Conditioner.known_latents`) keep
+        it: with ``keep_known`` the model sees the known latents, noised to each step's level, in place
+        of its own (any sampler; the paper's and CompVis' blend), and the final latents take the known
+        ones there; ``paste`` also copies the known pixels over the decoded image.
         """
         conditions = self.check_conditions(conditions or {})
         explicit_guidance = guidance is not None
@@ -213,7 +221,8 @@ class LatentDiffusion(nn.Module):
                 parts.append(self.sample(part or None, n=None if part else min(self.max_batch, b - start),
                                          guidance=guidance if explicit_guidance else None, negative=neg,
                                          sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
-                                         width=width, callback=callback, **sampler_options))
+                                         width=width, callback=callback, keep_known=keep_known, paste=paste,
+                                         **sampler_options))
             return torch.cat(parts)
         device = self.device
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -259,10 +268,54 @@ class LatentDiffusion(nn.Module):
                     return self.unet(x, t)
 
             denoise = as_eps_denoiser(model_fn, self.schedule)
+            known = self._known_regions(conditions, device) if (keep_known or paste) else []
+            if keep_known and known:
+                denoise = self._keep_known(denoise, known, seed)
             run = get_sampler(sampler)
             z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
                     callback=callback, **sampler_options)
-        return self.decode_latents(z).clamp(-1, 1)
+        if keep_known:
+            for z0, k, _, _ in known:
+                z = k * z0 + (1 - k) * z
+        images = self.decode_latents(z).clamp(-1, 1)
+        if paste:
+            for _, _, pixels, k in known:
+                if pixels is not None:
+                    images = k * pixels.to(images) + (1 - k) * images
+        return images
+
+    def _known_regions(self, conditions: Mapping[str, list[Any]], device: torch.device) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        """``[(z0, known, pixels, known_pixels)]`` from every given conditioner that knows part of the result."""
+        regions = []
+        for name in self.stack.names_for(conditions):
+            c = self.stack.conditioners[name]
+            if type(c).known_latents is Conditioner.known_latents:
+                continue
+            with torch.no_grad():
+                prepared = c.prepare(conditions[c.key], device)
+                found = c.known_latents(prepared)
+                pixels = c.known_pixels(prepared)
+            if found is None:
+                continue
+            z0, k = found
+            expected = (len(conditions[c.key]), 1, *c.latent_hw)
+            if tuple(k.shape) != expected or z0.shape[0] != expected[0]:
+                raise ValueError(f"conditioner {name!r}: known_latents returned a mask of shape {tuple(k.shape)}, "
+                                 f"expected {expected}")
+            regions.append((z0.to(device), k.to(device), *(pixels if pixels is not None else (None, None))))
+        return regions
+
+    def _keep_known(self, denoise: Callable[[Tensor, Tensor], Tensor], known: list, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """The denoiser seeing, in the known region, the known latents noised to the step's level."""
+        g = torch.Generator(device="cpu").manual_seed(seed + 2)
+        noises = [torch.randn(z0.shape, generator=g).to(z0) for z0, _, _, _ in known]
+
+        def blended(x: Tensor, t: Tensor) -> Tensor:
+            for (z0, k, _, _), eps in zip(known, noises):
+                x = k * self.schedule.q_sample(z0, t, eps) + (1 - k) * x
+            return denoise(x, t)
+
+        return blended
 
 
     #: Larger requests are sampled this many images at a time (chunk k with seed + 1000 k).
@@ -304,7 +357,8 @@ class LatentDiffusion(nn.Module):
                 f"positions), more than this machine's {_gib(have)}; ask for a smaller size"
             )
 
-    _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback")
+    _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback",
+                       "keep_known", "paste")
 
     def forward(self, conditions: Mapping[str, Sequence[Any]] | None = None, **kwargs: Any) -> list[Any]:
         """The pipeline call: ``model(label=[3, 5], guidance=2.0, steps=50, seed=0)`` → PIL images.

@@ -27,11 +27,10 @@ encoder (``ldmkit wiring`` works).
 
 **Null**: a zero latent and an all-unknown mask plane (``1``), at ``latent_hw``: "nothing is known".
 
-**Keeping the known region** while sampling needs the sampler's cooperation, which the core does not
-offer yet; :meth:`InpaintConditioner.known_latents` and :meth:`InpaintConditioner.known_pixels` compute
-what such a hook would blend (latents of the known region and where they are known; the known pixels
-for a final paste). Without the blend the model is a plain conditional model that learned to reproduce
-the known region.
+**Keeping the known region**: the core's sampling holds what :meth:`InpaintConditioner.known_latents`
+returns (the known latents, noised to each step's level, replace the model's input there; the final
+latents take them) and, with ``paste=True``, pastes :meth:`InpaintConditioner.known_pixels` over the
+decoded image.
 """
 
 from __future__ import annotations
