@@ -184,6 +184,8 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
     """Samples from every zoo diffusion model: one row per class for class-conditional ones."""
     import time
 
+    import numpy as np
+
     from ldmkit.api import load
     from ldmkit.data.preview import image_rows
     from ldmkit.data.shapes import NUM_CLASSES, class_name
@@ -201,6 +203,9 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
             rows = [images[c * per_class:(c + 1) * per_class] for c in range(NUM_CLASSES)]
             row_labels = [f"{c:2d} {' '.join(reversed(class_name(c)))}" for c in range(NUM_CLASSES)]
             what = f"label=0..{NUM_CLASSES - 1}, guidance {model.config.guidance}"
+        elif keys:  # any other conditions: held-out scenes' conditions, the input drawn beside its samples
+            rows, row_labels, what = _inputs_beside_samples(model, sorted(keys))
+            images = np.concatenate(rows)
         else:
             images = tensor_to_images(model.sample(None, n=32, sampler="ddim", steps=50, seed=0))
             rows, row_labels, what = [images[:16], images[16:]], None, "unconditional"
@@ -210,6 +215,30 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
+
+
+def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4):
+    """Rows ``[input picture, the scene's own image, per_scene samples]`` for held-out eval scenes."""
+    import numpy as np
+
+    from ldmkit.data.preview import condition_panel
+    from ldmkit.data.shapes import ShapesWorld
+    from ldmkit.fields import sample_value
+    from ldmkit.models.ldm import tensor_to_images
+
+    world = ShapesWorld(split="eval", size=model.config.image_size, seed=0)
+    chosen = [world[i] for i in range(scenes)]
+    values = {k: [sample_value(s, k) for s in chosen for _ in range(per_scene)] for k in keys}
+    images = tensor_to_images(model.sample(values, sampler="ddim", steps=50, seed=0))
+    size = images.shape[1:3]
+    pictured = [k for k in keys if k not in ("label", "caption")]
+    rows, labels = [], []
+    for i, s in enumerate(chosen):
+        panels = [condition_panel(sample_value(s, k), k, size) for k in pictured]
+        rows.append(np.stack([*panels, s.image, *images[i * per_scene:(i + 1) * per_scene]]))
+        labels.append(s.caption if "caption" in keys else f"eval scene {i}")
+    inputs = ", ".join(pictured) + (" (drawn), " if pictured else "") + "the scene, then samples"
+    return rows, labels, f"{', '.join(keys)} of {scenes} held-out scenes; columns: {inputs}"
 
 
 def _zoo_names(kind: str, title: str) -> list[str]:

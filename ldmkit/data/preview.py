@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from ldmkit.data.base import Sample
 from ldmkit.data.manifest import ManifestRecord, _format_validation_error
 
-__all__ = ["preview_grid", "image_rows", "export", "colorize_segmentation", "segmentation_palette"]
+__all__ = ["preview_grid", "image_rows", "export", "colorize_segmentation", "segmentation_palette", "condition_panel"]
 
 _MARGIN = 6  # pixels between cells and around the grid
 _GAP = 4  # pixels between an image and its panel column, and between panels
@@ -85,6 +85,40 @@ def _check_image(sample: Any, index: int) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"sample {index}: image must be H x W x 3 uint8; got {image.shape} {image.dtype}")
     return image
+
+
+def condition_panel(value: Any, key: str, size: tuple[int, int]) -> np.ndarray:
+    """An ``H x W x 3`` uint8 picture of one condition, to show an input beside what it produced.
+
+    ``boxes``: outlines on grey, in the colour the label names when it names one (``"red circle"``);
+    ``segmentation``: coloured class ids; ``lowres``: the low-res image enlarged (nearest); ``mask``:
+    white = unknown; an ``{"image", "mask"}`` value (inpainting): the image with the unknown region
+    black. Other values (labels, captions) have no picture: a plain grey panel (label the row instead).
+    """
+    h, w = size
+    canvas = Image.new("RGB", (w, h), (100, 100, 100))
+    if key == "boxes" and value:
+        from ldmkit.data.shapes import PALETTE
+
+        draw = ImageDraw.Draw(canvas)
+        for j, box in enumerate(value):
+            label = box["label"] if isinstance(box, dict) else box.label
+            x0, y0, x1, y1 = box["bbox"] if isinstance(box, dict) else box.bbox
+            named = [c for c in PALETTE if isinstance(label, str) and c in label.split()]
+            colour = PALETTE[named[0]] if named else _BOX_COLOURS[j % len(_BOX_COLOURS)]
+            draw.rectangle((x0 * w, y0 * h, max(x0 * w, x1 * w - 1), max(y0 * h, y1 * h - 1)), outline=colour)
+        return np.asarray(canvas)
+    if isinstance(value, dict) and {"image", "mask"} <= set(value):
+        image = np.asarray(value["image"], dtype=np.uint8).copy()
+        image[np.asarray(value["mask"], dtype=bool)] = 0
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST))
+    if key == "segmentation" and value is not None:
+        return np.asarray(_upscale(colorize_segmentation(value), (w, h)))
+    if key == "mask" and value is not None:
+        return np.asarray(_upscale(np.where(np.asarray(value, dtype=bool), 255, 0).astype(np.uint8), (w, h)).convert("RGB"))
+    if key == "lowres" and value is not None:
+        return np.asarray(_upscale(np.asarray(value, dtype=np.uint8), (w, h)))
+    return np.asarray(canvas)
 
 
 def image_rows(rows: list[np.ndarray], labels: list[str] | None = None, *, scale: int = 4) -> Image.Image:
