@@ -34,7 +34,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     records = [r.as_dict() for r in sorted(pm.records.values(), key=lambda r: r.name)]
     if args.json:
         for r in records:  # each declared field with its JSON Schema, so tools can build inputs
-            r["fields"] = [_field_row(registry, name) for name in r["fields"]]
+            r["fields"] = [_field_row(registry, name, r["name"]) for name in r["fields"]]
         print(json.dumps(records, indent=2))
     else:
         if not records:
@@ -46,17 +46,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 print(f"{'':<20} fields: {', '.join(r['fields'])}")
             if r["error"]:
                 print(f"{'':<20} error: {r['error']}")
-    for name in sorted(registry.conflicts) + sorted(registry.field_conflicts):
+    for name in sorted(registry.conflicts):
         print(f"ldmkit: warning: {registry.conflict_message(name)}", file=sys.stderr)
+    for name in sorted(registry.field_conflicts):
+        print(f"ldmkit: warning: {registry.field_conflict_message(name)}", file=sys.stderr)
     return 0
 
 
-def _field_row(registry: Any, name: str) -> dict[str, Any]:
-    field = registry.fields.get(name)
-    if field is None:  # withheld by a conflict
-        return {"name": name, "schema": None, "derived": None, "description": registry.conflict_message(name)}
+def _field_row(registry: Any, name: str, plugin: str) -> dict[str, Any]:
+    field = registry.declared_fields[name][plugin]  # this plugin's own declaration, even when it clashes
     return {"name": name, "schema": field.json_schema(), "derived": field.derive is not None,
-            "description": field.description}
+            "description": field.description, "example": field.example,
+            "error": registry.field_conflict_message(name) if name in registry.field_conflicts else None}
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -111,6 +112,15 @@ def cmd_wiring(args: argparse.Namespace) -> int:
         desc = describe_wiring(load_config(data))
     except ConfigError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
+    from ldmkit.fields import UnknownFieldError, check_keys
+
+    readers: dict[str, list[str]] = {}
+    for row in desc["conditioners"]:
+        readers.setdefault(row["key"], []).append(row["name"])
+    try:
+        check_keys(readers)
+    except UnknownFieldError as exc:  # fine for `stack(...)` and --cond, but no data set can train it
+        print(f"ldmkit: warning: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps(desc, indent=2))
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from ldmkit.data.base import CONDITION_KEYS, Sample
+from ldmkit.types import ConditionInputError
 
 __all__ = ["BUILTIN_FIELDS", "UnknownFieldError", "known_fields", "sample_value", "check_keys"]
 
@@ -55,7 +56,7 @@ def _unknown(key: str, registry: Any) -> Exception:
     from ldmkit.registry import ConditionerConflictError
 
     if key in registry.field_conflicts:
-        return ConditionerConflictError(registry.conflict_message(key))
+        return ConditionerConflictError(registry.field_conflict_message(key))
     declared = ", ".join(sorted(registry.fields)) or "(none)"
     return UnknownFieldError(
         f"no condition field {key!r}: built-in fields are {', '.join(BUILTIN_FIELDS)}; fields declared by "
@@ -76,15 +77,21 @@ def sample_value(sample: Sample, key: str, registry: Any = None, index: int | No
         raise _unknown(key, registry)
     if f.derive is None:
         return None
+    where = f" for sample {index}" if index is not None else ""
     try:
         value = f.derive(sample)
     except Exception as exc:
-        where = f" for sample {index}" if index is not None else ""
         raise ValueError(
             f"field {key!r} (plugin {registry.field_providers[key]!r}): derive failed{where}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return None if value is None else f.validate(value, index)
+    if value is None:
+        return None
+    try:
+        return f.validate(value, index)
+    except ConditionInputError as exc:  # the plugin's derive is at fault, not the user's data
+        raise ValueError(f"field {key!r} (plugin {registry.field_providers[key]!r}): derive returned an invalid "
+                         f"value{where}: {exc.problem}; allowed: {exc.allowed}") from None
 
 
 def check_keys(readers: Mapping[str, Iterable[str]], registry: Any = None) -> None:

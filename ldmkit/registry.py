@@ -105,6 +105,8 @@ class Registry:
         #: withheld names: ``{name: [plugin, ...]}`` for conditioners and for fields
         self.conflicts: dict[str, list[str]] = {}
         self.field_conflicts: dict[str, list[str]] = {}
+        #: every declaration, clashing ones included: ``{field: {plugin: ConditionField}}``
+        self.declared_fields: dict[str, dict[str, ConditionField]] = {}
         found: dict[str, list[tuple[str, ConditionerSpec]]] = {}
         declared: dict[str, list[tuple[str, ConditionField]]] = {}
         for impl in pm.hook.ldmkit_conditioners.get_hookimpls():
@@ -132,6 +134,7 @@ class Registry:
                 found.setdefault(spec.name, []).append((plugin_name, spec))
             for f in own_fields.values():
                 declared.setdefault(f.name, []).append((plugin_name, f))
+                self.declared_fields.setdefault(f.name, {})[plugin_name] = f
         for name in sorted(found):
             provs = found[name]
             if len(provs) > 1:
@@ -147,7 +150,7 @@ class Registry:
         for what, table in (("conditioner", self.conflicts), ("condition field", self.field_conflicts)):
             for name, plugins in table.items():
                 for plugin in plugins:
-                    others = " and ".join(repr(p) for p in plugins if p != plugin)
+                    others = " and ".join(_who(pm, p) for p in plugins if p != plugin)
                     pm.mark_conflict(plugin, f"{what} {name!r} is also provided by {others}; "
                                              f"{_resolution(pm, plugins)}")
 
@@ -164,11 +167,15 @@ class Registry:
         return self.specs[key]
 
     def conflict_message(self, name: str) -> str:
-        """Why ``name`` (a conditioner or a condition field) is withheld, and how to resolve it."""
-        plugins = self.conflicts.get(name) or self.field_conflicts.get(name) or []
-        what = "conditioner" if name in self.conflicts else "condition field"
-        who = " and ".join(f"{p!r} ({self.pm.records[p].distribution or 'not installed'})"
-                           if p in self.pm.records else repr(p) for p in plugins)
+        """Why the conditioner ``name`` is withheld, and how to resolve it."""
+        return self._clash("conditioner", name, self.conflicts.get(name, []))
+
+    def field_conflict_message(self, name: str) -> str:
+        """Why the condition field ``name`` is withheld, and how to resolve it."""
+        return self._clash("condition field", name, self.field_conflicts.get(name, []))
+
+    def _clash(self, what: str, name: str, plugins: list[str]) -> str:
+        who = " and ".join(_who(self.pm, p) for p in plugins)
         return f"{what} {name!r} is provided by more than one plugin: {who}; {_resolution(self.pm, plugins)}"
 
     def unknown_message(self, name: Any) -> str:
@@ -230,6 +237,11 @@ def _plugin_fields(specs: list[ConditionerSpec]) -> dict[str, ConditionField]:
                 raise SpecError(f"the plugin declares field {f.name!r} twice, differently")
             fields.setdefault(f.name, f)
     return fields
+
+
+def _who(pm: PluginManager, plugin: str) -> str:
+    record = pm.records.get(plugin)
+    return f"plugin {plugin!r} ({record.distribution or 'not installed'})" if record else f"plugin {plugin!r}"
 
 
 def _resolution(pm: PluginManager, plugins: list[str]) -> str:

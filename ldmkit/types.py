@@ -15,6 +15,7 @@ The route is *declared* (:attr:`ConditionerSpec.route`), never inferred from a t
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -214,6 +215,19 @@ class ConditionField:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", normalize_name(self.name))
+        if self.name in RESERVED_FIELDS:
+            raise ValueError(f"condition field {self.name!r} is built in (reserved: {', '.join(RESERVED_FIELDS)}); "
+                             "a conditioner reads it with `key:` instead of declaring it")
+        if not NAME_PATTERN.match(self.name):
+            raise ValueError(f"condition field name {self.name!r} is invalid: names must match {NAME_PATTERN.pattern}")
+
+    @property
+    def allowed(self) -> str:
+        """What a valid value is, in words: the description, else a compact JSON Schema."""
+        if self.description:
+            return self.description
+        schema = {k: v for k, v in self.json_schema().items() if k != "title"}
+        return _short(json.dumps(schema, sort_keys=True), 200)
 
     @property
     def adapter(self) -> TypeAdapter:
@@ -233,22 +247,33 @@ class ConditionField:
     def validate(self, value: Any, index: int | None = None) -> Any:
         """``value`` checked (and coerced) by ``value_type``; :class:`ConditionInputError` naming the field."""
         try:
-            return self.adapter.validate_python(value)
+            result = self.adapter.validate_python(value)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()[:3]
             )
-            raise ConditionInputError(self.name, f"{_short(value)} is invalid ({problems})",
-                                      _type_name(self.value_type), index) from None
+            raise ConditionInputError(self.name, f"{_short(value)} is invalid ({problems})", self.allowed, index) from None
+        if _bool_coerced(value, result):  # pydantic's lax mode reads true/false as 1/0
+            raise ConditionInputError(self.name, f"{_short(value)} is invalid (true/false where a number or string "
+                                                 "is expected)", self.allowed, index)
+        return result
+
+
+def _bool_coerced(value: Any, result: Any) -> bool:
+    """True when a bool in ``value`` became something else in ``result`` (same structure)."""
+    if isinstance(value, bool):
+        return not isinstance(result, bool)
+    if isinstance(value, (list, tuple)) and isinstance(result, (list, tuple)) and len(value) == len(result):
+        return any(_bool_coerced(v, r) for v, r in zip(value, result))
+    if isinstance(value, dict) and isinstance(result, dict):
+        return any(_bool_coerced(v, result[k]) for k, v in value.items() if k in result)
+    return False
 
 
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 @dataclass(frozen=True)

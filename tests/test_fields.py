@@ -125,7 +125,8 @@ def test_a_derive_that_returns_garbage_is_an_error_naming_the_field(fresh_plugin
     fresh_plugins.get_plugin_manager(extra=[("toys", plugin)])
     from ldmkit.fields import sample_value
 
-    with pytest.raises(ConditionInputError, match=r"condition 'palette' \(sample 3\): 42 is invalid"):
+    with pytest.raises(ValueError, match=r"field 'palette' \(plugin 'toys'\): derive returned an invalid value for "
+                                         r"sample 3: 42 is invalid"):
         sample_value(Sample(image=np.zeros((4, 4, 3), np.uint8)), "palette", index=3)
 
 
@@ -161,16 +162,29 @@ def test_manifests_accept_declared_fields_and_validate_them(palette_installed, t
     assert "pallete: unknown field (allowed: image, caption, label, boxes, segmentation, mask, brightness, inpaint, palette (declared by plugins))" in msg
 
 
-def test_a_spec_cannot_declare_a_built_in_field_or_a_bad_type(fresh_plugins):
-    for field, message in ((ConditionField("caption", str), "field 'caption' is built in"),
-                           (ConditionField("meta", dict), "field 'meta' is built in"),
-                           (ConditionField("9lives", int), "field name '9lives' is invalid"),
-                           (ConditionField("odd", object()), "value_type is not a type pydantic can validate")):
-        spec = ConditionerSpec("level", LevelConfig, Level, Route.VECTOR, fields=(field,))
-        pm = fresh_plugins.PluginManager()
-        pm.add_plugin(ToyPlugin([spec]), "toys")
-        Registry(pm)
-        assert pm.records["toys"].status == "failed" and message in pm.records["toys"].error
+def test_a_field_cannot_be_built_in_or_badly_named_and_a_bad_type_fails_its_plugin(fresh_plugins):
+    for name, message in (("caption", "field 'caption' is built in"), ("meta", "field 'meta' is built in"),
+                          ("9lives", "field name '9lives' is invalid")):
+        with pytest.raises(ValueError, match=message):
+            ConditionField(name, str)  # caught where it is written, before any registry
+    spec = ConditionerSpec("level", LevelConfig, Level, Route.VECTOR, fields=(ConditionField("odd", object()),))
+    pm = fresh_plugins.PluginManager()
+    pm.add_plugin(ToyPlugin([spec]), "toys")
+    Registry(pm)
+    assert pm.records["toys"].status == "failed"
+    assert "value_type is not a type pydantic can validate" in pm.records["toys"].error
+
+
+def test_true_and_false_are_not_numbers_in_a_field(palette_installed):
+    from ldmkit.registry import get_registry
+
+    brightness = get_registry().fields["brightness"]
+    assert brightness.validate(1) == 1.0
+    for bad in (True, False):
+        with pytest.raises(ConditionInputError, match=r"true/false where a number.*allowed: mean image intensity in \[0, 1\]"):
+            brightness.validate(bad)
+    with pytest.raises(ConditionInputError, match="true/false"):
+        get_registry().fields["palette"].validate(["red", [1, True, 3]])
 
 
 class OtherConfig(LevelConfig):
@@ -189,9 +203,26 @@ def test_two_plugins_declaring_one_field_are_marked_and_the_field_withheld(fresh
     pm.add_plugin(b, "beta")
     reg = Registry(pm)
     assert "tint" not in reg.fields and reg.field_conflicts == {"tint": ["alpha", "beta"]}
-    assert pm.records["alpha"].status == "conflict" and "condition field 'tint' is also provided by 'beta'" in pm.records["alpha"].error
+    assert pm.records["alpha"].status == "conflict"
+    assert "condition field 'tint' is also provided by plugin 'beta' (not installed)" in pm.records["alpha"].error
     assert reg.names() == ["level", "other"]  # both conditioners still work
     from ldmkit.fields import UnknownFieldError, check_keys
 
     with pytest.raises(UnknownFieldError, match="condition field 'tint' is provided by more than one plugin"):
         check_keys({"tint": ["level"]}, reg)
+
+
+def test_a_manifest_names_the_clash_of_a_withheld_field(fresh_plugins, tmp_path):
+    import dataclasses
+
+    from ldmkit.data.manifest import ManifestDataset, ManifestError
+
+    fresh_plugins.get_plugin_manager(extra=[
+        ("alpha", ToyPlugin([dataclasses.replace(LEVEL, fields=(ConditionField("tint", float),))])),
+        ("beta", ToyPlugin([ConditionerSpec("other", OtherConfig, Level, Route.VECTOR, fields=(ConditionField("tint", float),))])),
+    ])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "tint": 0.5}))
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: tint: condition field 'tint' is provided by more than one "
+                                            r"plugin: plugin 'alpha' \(not installed\) and plugin 'beta'"):
+        ManifestDataset(tmp_path / "m.jsonl")

@@ -41,10 +41,10 @@ def test_a_name_clash_withholds_only_that_name(fresh_plugins):
     assert reg.names() == ["level"] and reg.conflicts == {"words": ["alpha", "beta"]}
     for me, other in (("alpha", "beta"), ("beta", "alpha")):
         assert pm.records[me].status == "conflict"
-        assert f"'words' is also provided by '{other}'" in pm.records[me].error
+        assert f"'words' is also provided by plugin '{other}' (not installed)" in pm.records[me].error
         assert "LDMKIT_DISABLE_PLUGINS=alpha or LDMKIT_DISABLE_PLUGINS=beta" in pm.records[me].error
     assert reg.build({"type": "level"}).encode([0.5]).value.shape == (1, 6)  # beta's other conditioner works
-    with pytest.raises(ConditionerConflictError, match=r"'words' is provided by more than one plugin: 'alpha'.*and 'beta'.*LDMKIT_DISABLE_PLUGINS=alpha"):
+    with pytest.raises(ConditionerConflictError, match=r"'words' is provided by more than one plugin: plugin 'alpha'.*and plugin 'beta'.*LDMKIT_DISABLE_PLUGINS=alpha"):
         reg.get("words")
 
 
@@ -217,7 +217,7 @@ def test_conflicting_installed_plugins_are_marked_and_only_their_name_is_refused
     rows = _by_name(res.stdout)
     for me, other in (("class", "dupe"), ("dupe", "class")):
         assert rows[me]["status"] == "conflict"
-        assert f"conditioner 'class' is also provided by '{other}'" in rows[me]["error"]
+        assert f"conditioner 'class' is also provided by plugin '{other}' (ldmkit-{other})" in rows[me]["error"]
     assert rows["template"]["status"] == "active" and rows["template"]["error"] is None
     assert "warning: conditioner 'class' is provided by more than one plugin" in res.stderr
 
@@ -228,7 +228,8 @@ def test_conflicting_installed_plugins_are_marked_and_only_their_name_is_refused
     assert out.returncode == 0 and "LatentDiffusion []" in out.stdout, out.stderr
     res = _ldmkit(["sample", "zoo:shapes-class", "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")], extra_path=path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "'class' (ldmkit-class) and 'dupe' (ldmkit-dupe)" in res.stderr
+    assert "plugin 'class' (ldmkit-class) and plugin 'dupe' (ldmkit-dupe)" in res.stderr
+    assert "is the plugin that provides it installed" not in res.stderr
     assert "LDMKIT_DISABLE_PLUGINS=class or LDMKIT_DISABLE_PLUGINS=dupe" in res.stderr
     res = _ldmkit(["sample", "zoo:shapes-class", "--cond", "label=3", "--n", "1", "--steps", "1", "--out",
                    str(tmp_path / "s")], extra_path=path, LDMKIT_DISABLE_PLUGINS="dupe")

@@ -252,7 +252,9 @@ class ManifestDataset(SampleSequence):
         self.plugin_values: dict[int, dict[str, Any]] = {}  # line number -> plugin-declared field values
         from ldmkit.registry import get_registry
 
-        self._fields = get_registry().fields
+        registry = get_registry()
+        self._fields = registry.fields
+        self._clashes = {name: registry.field_conflict_message(name) for name in registry.field_conflicts}
         self.problems: list[str] = []
         self.skipped = 0
         try:
@@ -288,6 +290,9 @@ class ManifestDataset(SampleSequence):
             return None, [f"must be a JSON object, got {type(obj).__name__}"], {}
         values: dict[str, Any] = {}
         problems: list[str] = []
+        for key in [k for k in obj if k in self._clashes]:
+            obj.pop(key)
+            problems.append(f"{key}: {self._clashes[key]}")
         for key in [k for k in obj if k not in ManifestRecord.model_fields and k in self._fields]:
             try:
                 values[key] = self._fields[key].validate(obj.pop(key))

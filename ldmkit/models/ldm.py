@@ -421,7 +421,8 @@ def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
     try:
         config = load_config(metadata_config(path, meta))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: cannot rebuild the model: {exc}\n(is the plugin that provides it installed? see `ldmkit plugins`)") from None
+        hint = "" if "more than one plugin" in str(exc) else "\n(is the plugin that provides it installed? see `ldmkit plugins`)"
+        raise ConfigError(f"{path}: cannot rebuild the model: {exc}{hint}") from None
     autoencoder = None
     if "ldmkit.autoencoder_config" in meta:
         try:

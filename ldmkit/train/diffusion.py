@@ -157,7 +157,8 @@ class _Data:
             for k in self.keys:
                 value = sample_value(s, k, index=i)
                 if value is None:
-                    raise ValueError(f"data set {cfg.data.name!r} has no {k!r} for sample {len(images) - 1}, "
+                    derived = " (the declaring plugin's derive returned None for it)" if k in _derivable(k) else ""
+                    raise ValueError(f"data set {cfg.data.name!r} has no {k!r} for sample {len(images) - 1}{derived}, "
                                      f"which {', '.join(model.stack.accepted_keys()[k])} read(s)")
                 conds[k].append(value)
         self.images = np.stack(images)
@@ -183,6 +184,13 @@ class _Data:
             return self.latents[torch.from_numpy(idx)].to(self.device), conds
         with torch.no_grad():
             return self.model.encode_images(images_to_tensor(self.images[idx]).to(self.device)), conds
+
+
+def _derivable(key: str) -> set[str]:
+    from ldmkit.registry import get_registry
+
+    f = get_registry().fields.get(key)
+    return {key} if f is not None and f.derive is not None else set()
 
 
 class _EMA:
