@@ -156,7 +156,7 @@ def _pick(rng: np.random.Generator, n: int) -> int:
 
 def _draw_objects(rng: np.random.Generator, size: int, split: str) -> list[dict[str, Any]]:
     """Draw 1-4 objects (shape, colour, size word, radius, centre) that fit without overlapping."""
-    while True:  # rejection loop; succeeds on the first try in the vast majority of scenes
+    while True:  # rejection loop: about 61 % of scenes succeed on the first draw (docs/data.md: objects per scene)
         n = 1 + _pick(rng, MAX_OBJECTS)
         objs = []
         for k in range(n):
