@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (or the ground truth) with a metric suite; JSON on stdout")
     p.add_argument("model", nargs="?", default=None, help="checkpoint path or zoo:NAME")
     p.add_argument("--suite", required=True, help="shapes-class, shapes-caption, shapes-layout, shapes-semantic, "
-                   "shapes-sr, shapes-inpaint, shapes-uncond, recon-shapes, recon-photos")
+                   "shapes-sr, shapes-inpaint, shapes-uncond, recon-shapes, recon-photos, emoji-text")
     p.add_argument("--n", type=int, default=200, help="number of held-out conditions (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")

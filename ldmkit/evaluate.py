@@ -42,7 +42,7 @@ __all__ = ["SUITES", "MODES", "run_suite", "suite_conditions", "suite_size", "de
            "main"]
 
 SUITES = ("shapes-class", "shapes-caption", "shapes-layout", "shapes-semantic", "shapes-sr", "shapes-inpaint",
-          "shapes-uncond", "recon-shapes", "recon-photos")
+          "shapes-uncond", "recon-shapes", "recon-photos", "emoji-text")
 MODES = ("reference", "shuffled", "model")
 Mode = Literal["reference", "shuffled", "model"]
 Generate = Callable[[list[Sample]], list[np.ndarray]]
@@ -68,6 +68,9 @@ def suite_conditions(suite: str, n: int, seed: int = 0, size: int = 32) -> list[
     ``eval-heldout`` scenes; ``recon-photos`` draws n photos)."""
     if suite == "recon-photos":
         return _photo_conditions(n, seed, size)
+    if suite == "emoji-text":
+        emoji = _eval_emoji(size)
+        return [emoji[i] for i in range(min(n, len(emoji)))]
     conditions = [ShapesWorld("eval", size=size, seed=seed)[i] for i in range(n)]
     if suite == "shapes-caption":
         heldout = ShapesWorld("eval-heldout", size=size, seed=seed)
@@ -83,7 +86,16 @@ def suite_size(suite: str, n: int, seed: int = 0, size: int = 32) -> int:
         raise ValueError(f"unknown suite {suite!r}; allowed suites: {', '.join(SUITES)}")
     if suite == "recon-photos":
         return min(n, len(_eval_photos(size)))
+    if suite == "emoji-text":
+        return min(n, len(_eval_emoji(size)))
     return n
+
+
+@lru_cache(maxsize=4)
+def _eval_emoji(size: int):
+    from ldmkit.data.emoji import EmojiDataset
+
+    return EmojiDataset(split="eval", size=size)  # the held-out emoji (code points multiple of 10)
 
 
 def _eval_photos(size: int):
@@ -173,10 +185,16 @@ def _recon_photos(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dic
     return {"psnr": im.psnr(imgs, truth), "ssim": im.ssim(imgs, truth), "fd": im.fd(imgs, truth)}
 
 
+def _emoji_text(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dict[str, float]:
+    from ldmkit.metrics.emoji import retrieval_scores
+
+    return retrieval_scores(imgs, [c.image for c in conds])
+
+
 _SCORERS: dict[str, Callable[[list[Sample], list[np.ndarray], dict], dict[str, float]]] = {
     "shapes-class": _class, "shapes-caption": _caption, "shapes-layout": _layout, "shapes-semantic": _semantic,
     "shapes-sr": _sr, "shapes-inpaint": _inpaint, "shapes-uncond": _uncond, "recon-shapes": _recon_shapes,
-    "recon-photos": _recon_photos,
+    "recon-photos": _recon_photos, "emoji-text": _emoji_text,
 }
 
 

@@ -12,7 +12,7 @@ from scipy import ndimage
 from ldmkit.data.base import Sample
 from ldmkit.evaluate import MODES, SUITES, derangement, main, run_suite, suite_conditions, suite_size
 
-SHAPES_SUITES = [s for s in SUITES if s != "recon-photos"]
+SHAPES_SUITES = [s for s in SUITES if s not in ("recon-photos", "emoji-text")]  # emoji-text: its own test below
 N = 200
 
 
@@ -154,3 +154,32 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(out) == {"suite", "model", "n", "metrics"}  # the same contract as `ldmkit eval --json`
     assert out["suite"] == "shapes-class" and out["model"] is None and out["n"] == 10
     assert 0 <= out["metrics"]["class_acc"] <= 1
+
+
+def test_emoji_retrieval_is_calibrated_on_near_misses_and_probes_that_should_fail():
+    """emoji-text: the ground truth retrieves itself, near misses nearly so, another emoji never, and a
+    disc of the right colour (colour right, shape wrong) only a little."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    from ldmkit.evaluate import run_suite, suite_conditions
+    from ldmkit.metrics.emoji import retrieval_scores
+
+    truth = [c.image for c in suite_conditions("emoji-text", 200)]
+    assert len(truth) == 134
+    assert run_suite("emoji-text", n=200, mode="reference")["retrieval_top1"] == 1.0
+    shuffled = run_suite("emoji-text", n=200, mode="shuffled")
+    assert shuffled["retrieval_top1"] == 0.0 and shuffled["retrieval_top5"] < 0.05
+    shifted = [np.roll(t, (2, 2), axis=(0, 1)) for t in truth]
+    blurred = [np.clip(gaussian_filter(t.astype(float), (1, 1, 0)), 0, 255).astype(np.uint8) for t in truth]
+    assert retrieval_scores(shifted, truth)["retrieval_top1"] >= 0.9
+    assert retrieval_scores(blurred, truth)["retrieval_top1"] >= 0.9
+    yy, xx = np.mgrid[:32, :32]
+    discs = []
+    for t in truth:
+        ink = t.reshape(-1, 3)[~(t.reshape(-1, 3) > 240).all(axis=1)]
+        disc = np.full((32, 32, 3), 255, np.uint8)
+        disc[(yy - 16) ** 2 + (xx - 16) ** 2 < 100] = ink.mean(axis=0)
+        discs.append(disc)
+    colour_only = retrieval_scores(discs, truth)
+    assert 0.05 < colour_only["retrieval_top1"] < 0.3  # colour alone is worth something, and is far from the truth
