@@ -214,8 +214,8 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
             row_labels = [f"{c:2d} {' '.join(reversed(class_name(c)))}" for c in range(NUM_CLASSES)]
             what = f"label=0..{NUM_CLASSES - 1}, guidance {model.config.guidance}"
         elif keys:  # any other conditions: held-out scenes' conditions, the input drawn beside its samples
-            rows, row_labels, what = _inputs_beside_samples(model, sorted(keys))
-            images = np.concatenate(rows)
+            rows, row_labels, what = _inputs_beside_samples(model, sorted(keys), per_scene=4)
+            images = np.concatenate([r[-4:] for r in rows])  # the samples (each row starts with its inputs)
         else:
             images = tensor_to_images(model.sample(None, n=32, sampler="ddim", steps=50, seed=0))
             rows, row_labels, what = [images[:16], images[16:]], None, "unconditional"
