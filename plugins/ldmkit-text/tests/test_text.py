@@ -278,3 +278,48 @@ def test_no_warning_on_normal_captions():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         c.encode(["a red circle", LONGEST_SHAPES_CAPTION])
+
+
+# -- pruned vocabulary -----------------------------------------------------------------------------
+CAPTIONS = ["a small red circle above a blue square", "a green triangle", LONGEST_SHAPES_CAPTION, ""]
+
+
+def pruned_pair():
+    from ldmkit_text import caption_token_ids, prune_vocabulary
+
+    full = build(seed=3)
+    state = {f"c.{k}": v for k, v in full.state_dict().items()}
+    cfg, new_state = prune_vocabulary(full.config, state, caption_token_ids(CAPTIONS), prefix="c.")
+    small = SPEC.build(cfg, None).eval()
+    small.load_state_dict({k[2:]: v for k, v in new_state.items()})
+    return full, small
+
+
+def test_pruned_vocabulary_encodes_its_captions_exactly_and_is_small():
+    full, small = pruned_pair()
+    assert small.config.vocab_size == len(small.config.vocabulary) < 30
+    assert small.tower.token_embedding.weight.shape[0] == small.config.vocab_size
+    with torch.inference_mode():
+        a, b = full.encode(CAPTIONS), small.encode(CAPTIONS)
+        assert torch.equal(a.value, b.value) and torch.equal(a.mask, b.mask)
+        assert torch.equal(full.null(2).value, small.null(2).value)
+    assert "cyan" not in small.known_words() and {"red", "triangle", "above"} <= set(small.known_words())
+
+
+def test_pruned_vocabulary_refuses_unseen_words_listing_known_ones():
+    _, small = pruned_pair()
+    with pytest.raises(ConditionInputError, match="no token for 'dog'") as info:
+        small.encode(["a red circle", "a red dog"])
+    assert info.value.index == 1 and "above" in info.value.allowed and "triangle" in info.value.allowed
+
+
+def test_pruned_vocabulary_config_rules():
+    with pytest.raises(ValueError, match="outside"):
+        TextConfig(vocabulary=[1, 2, CLIP_VOCAB_SIZE])
+    with pytest.raises(ValueError, match="repeated"):
+        TextConfig(vocabulary=[1, 1, 2])
+    with pytest.raises(ValueError, match="equal len"):
+        TextConfig(vocabulary=[1, 2, 3], vocab_size=5)
+    assert TextConfig(vocabulary=[1, 2, 3]).vocab_size == 3
+    with pytest.raises(ValueError, match="lacks the start and end token"):
+        SPEC.build(TextConfig(**TINY, vocabulary=[1, 2, 3]), None)
