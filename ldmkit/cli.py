@@ -227,8 +227,11 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
 
 
-def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4):
-    """Rows ``[input picture, the scene's own image, per_scene samples]`` for held-out eval scenes."""
+def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4, size: int | None = None):
+    """Rows ``[input picture, the scene's own image, per_scene samples]`` for held-out eval scenes.
+
+    ``size`` (default: the training size) draws the scenes, and samples, at another size: larger ones
+    sample convolutionally (paper §4.3.2)."""
     import numpy as np
 
     from ldmkit.data.preview import condition_panel
@@ -236,15 +239,16 @@ def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_sce
     from ldmkit.fields import sample_value
     from ldmkit.models.ldm import tensor_to_images
 
-    world = ShapesWorld(split="eval", size=model.config.image_size, seed=0)
+    size = size or model.config.image_size
+    world = ShapesWorld(split="eval", size=size, seed=0)
     chosen = [world[i] for i in range(scenes)]
     values = {k: [sample_value(s, k) for s in chosen for _ in range(per_scene)] for k in keys}
-    images = tensor_to_images(model.sample(values, sampler="ddim", steps=50, seed=0))
-    size = images.shape[1:3]
+    images = tensor_to_images(model.sample(values, sampler="ddim", steps=50, seed=0, height=size, width=size))
+    panel_hw = images.shape[1:3]
     pictured = [k for k in keys if k not in ("label", "caption")]
     rows, labels = [], []
     for i, s in enumerate(chosen):
-        panels = [condition_panel(sample_value(s, k), k, size) for k in pictured]
+        panels = [condition_panel(sample_value(s, k), k, panel_hw) for k in pictured]
         rows.append(np.stack([*panels, s.image, *images[i * per_scene:(i + 1) * per_scene]]))
         labels.append(s.caption if "caption" in keys else f"eval scene {i}")
     inputs = ", ".join(pictured) + (" (drawn), " if pictured else "") + "the scene, then samples"
@@ -476,9 +480,17 @@ def _parse_value(text: str, key: str = "value") -> Any:
                 return np.asarray(Image.open(path))
             except (UnidentifiedImageError, OSError) as exc:
                 raise ValueError(f"{key}={text}: not a readable image ({exc})") from None
+        if suffix == ".npy":  # an array (a class map, say); object arrays would need pickle: refused
+            import numpy as np
+
+            try:
+                return np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"{key}={text}: not a readable .npy array without pickle ({exc})") from None
         if suffix != ".json":
             raise ValueError(
-                f"{key}={text}: files must be images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or .json, not {suffix or 'no suffix'!r}"
+                f"{key}={text}: files must be images ({', '.join(sorted(_IMAGE_SUFFIXES))}), .npy or .json, "
+                f"not {suffix or 'no suffix'!r}"
             )
         try:
             return json.loads(path.read_text())
@@ -697,11 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "caption, boxes, segmentation, lowres, mask; plugins add their own, see `ldmkit plugins`). VALUE is "
                     "parsed as JSON when it parses (label=3, palette='[\"red\", [40, 70, 220]]'), else taken as a "
                     "string (caption='a red circle'); @path reads a file: an image (.png .jpg .jpeg .bmp .webp) as an "
-                    "array, a .json file as its value.",
+                    "array, a .npy file as its array (no pickle), a .json file as its value.",
         epilog="example: ldmkit sample zoo:shapes-class --cond label=14 --n 8 --out samples/")
     p.add_argument("model", help="checkpoint path or zoo:NAME")
     p.add_argument("--cond", action="append", metavar="KEY=VALUE",
-                   help="a condition for every image: VALUE is JSON if it parses, else a string; @path reads an image or .json file")
+                   help="a condition for every image: VALUE is JSON if it parses, else a string; @path reads an image, .npy or .json file")
     p.add_argument("--negative", action="append", metavar="KEY=VALUE",
                    help="a negative condition: used instead of the null in guidance's baseline (steer away from it)")
     p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")

@@ -279,6 +279,12 @@ def test_a_channels_conditioned_model_samples_at_twice_its_training_size(ae_path
     from PIL import Image
 
     assert Image.open(out / "0000.png").size == (64, 64)
+    np.save(tmp_path / "m.npy", np.eye(16))  # an array file (no pickle) works the same
+    assert main(["sample", str(path), "--cond", f"map=@{tmp_path / 'm.npy'}", "--height", "64", "--width", "64",
+                 "--n", "1", "--steps", "2", "--out", str(tmp_path / "s2")]) == 0
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main(["sample", str(path), "--cond", f"map=@{tmp_path / 'o.npy'}", "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "s3")]) == 2  # object arrays need pickle: refused, a user error
 
 
 def test_sample_cli_takes_string_fields_verbatim(ae_path, tmp_path):
