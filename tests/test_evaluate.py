@@ -208,3 +208,25 @@ def test_semantic_suite_catches_small_shapes_drawn_as_the_wrong_shape() -> None:
     assert faithful["object_f1"] >= 0.99 and faithful["pixel_acc"] >= 0.99  # the probe's drawing is faithful
     assert swapped["pixel_acc"] >= 0.93, swapped  # the pixel score is fooled ...
     assert swapped["miou"] <= 0.8 and swapped["object_f1"] <= 0.75, swapped  # ... the class-aware scores are not
+
+
+def test_sr_target_is_not_met_by_interpolation() -> None:
+    """Probes for the +3 dB target (psnr - psnr_bicubic): bicubic itself, bicubic sharpened by an unsharp
+    mask, and nearest-neighbour blocks all gain nothing over bicubic; only detail the low-res image does
+    not hold can. Blocks reproduce the low-res input exactly (lr_psnr 100) and still lose PSNR."""
+    from PIL import Image, ImageFilter
+
+    from ldmkit.metrics.image import bicubic_upsample
+
+    def bicubic(c: Sample) -> np.ndarray:
+        return bicubic_upsample(c.lowres, c.image.shape[:2])
+
+    probes = {
+        "bicubic": bicubic,
+        "unsharp": lambda c: np.asarray(Image.fromarray(bicubic(c)).filter(ImageFilter.UnsharpMask(2, 150, 0))),
+        "nearest": lambda c: np.repeat(np.repeat(c.lowres, 4, 0), 4, 1),
+    }
+    for name, up in probes.items():
+        got = run_suite("shapes-sr", n=N, mode="model", generate=lambda cs: [up(c) for c in cs])
+        assert got["psnr"] - got["psnr_bicubic"] <= 0.01, (name, got)
+    assert got["lr_psnr"] == 100.0  # the blocks area-average back to the input exactly
