@@ -145,9 +145,33 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "wiring.json").write_text(json.dumps(desc, indent=2) + "\n")
         print(f"\nwrote {out / 'wiring.json'}")
+    args.gallery = []  # each step adds what it drew (GalleryEntry); written as index.html at the end
     for hook in _QUICKSTART_STEPS:
         status = hook(args) or status
+    if args.out and args.gallery:
+        from ldmkit.gallery import write_gallery
+
+        page = write_gallery(Path(args.out) / "index.html", args.gallery, title=f"ldmkit {__version__}: quickstart",
+                             intro="Every zoo model on held-out inputs, with the numbers its card records and the "
+                                   "commands that reproduce them. Written by `ldmkit quickstart`.")
+        print(f"\n== gallery ==\nwrote {page} (open it in a browser: every picture above, its numbers and commands)")
     return status
+
+
+def _gallery_add(args: argparse.Namespace, image: Path, title: str, caption: str, zoo_name: str | None = None,
+                 commands: list[str] | None = None) -> None:
+    """Record a picture the quickstart wrote, with its zoo card's numbers and commands when it has one."""
+    from ldmkit.gallery import GalleryEntry
+    from ldmkit.zoo import card
+
+    info = card(zoo_name) if zoo_name else {}
+    ev = info.get("eval", {})
+    metrics = {k: v for k, v in ev.get("metrics", {}).items() if isinstance(v, (int, float))}
+    note = f"ldmkit eval, suite {ev.get('suite')}, n = {ev.get('n')}" if metrics else ""
+    cmds = list(commands or [])
+    cmds += [c for c in (info.get("eval_command"), info.get("train_command")) if c]
+    if hasattr(args, "gallery"):
+        args.gallery.append(GalleryEntry(title, image.name, caption, info.get("description", ""), metrics, note, cmds))
 
 
 def _quickstart_data(args: argparse.Namespace) -> None:
@@ -160,6 +184,9 @@ def _quickstart_data(args: argparse.Namespace) -> None:
     path = out / "shapes-preview.png"
     preview_grid([world[i] for i in range(8)], cols=4, scale=4).save(path)
     print(f"\n== data: the shapes world (every conditioner's ground truth at once) ==\nwrote {path}")
+    _gallery_add(args, path, "data: the shapes world",
+                 "eight held-out scenes with every conditioner's ground truth drawn on (label, caption, boxes, "
+                 "class map, low-res image, inpainting mask)", commands=["ldmkit data preview shapes --out shapes.png"])
 
 
 def _quickstart_autoencoders(args: argparse.Namespace) -> None:
@@ -188,6 +215,9 @@ def _quickstart_autoencoders(args: argparse.Namespace) -> None:
     path = Path(args.out) / "reconstructions.png"
     image_rows(rows, ["original", *names], scale=4).save(path)
     print(f"wrote {path} (top row: originals; then one row per autoencoder: {', '.join(names)})")
+    _gallery_add(args, path, "first stage: the zoo autoencoders",
+                 f"top row: eight held-out scenes; then one row per autoencoder ({', '.join(names)})",
+                 commands=[f"ldmkit eval zoo:{n} --suite recon-shapes --n 256 --json" for n in names])
 
 
 def _quickstart_diffusion(args: argparse.Namespace) -> None:
@@ -225,6 +255,7 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
+        _gallery_add(args, path, f"zoo:{name}", f"{what} (DDIM 50 steps, the model's default guidance, seed 0)", name)
 
 
 def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4, size: int | None = None):

@@ -13,6 +13,14 @@ if [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && command -v apt-
     || echo "[setup] warning: could not install fonts-noto-color-emoji; the emoji data set will be unavailable" >&2
 fi
 
+# Chromium (headless) checks the quickstart's HTML gallery in the tests.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  echo "[setup] installing Debian package chromium (headless check of the HTML gallery)"
+  ($SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "[setup] warning: could not install chromium; the gallery's browser test will fail" >&2
+fi
+
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   PY="${PYTHON:-python3}"
   [ -x .venv/bin/python ] || { echo "[setup] creating .venv"; "$PY" -m venv .venv; }
