@@ -151,6 +151,11 @@ def test_file_roundtrip_and_sampling(ae_path, tmp_path):
     assert torch.allclose(c, d, atol=1e-5)
     big = again.sample({"label": [1]}, steps=2, seed=0, height=64, width=64)  # convolutional sampling
     assert big.shape == (1, 3, 64, 64)
+    # bf16 autocast: float32 images close to the float32 run, not identical
+    e = again.sample({"label": [1, 2]}, steps=3, seed=5, precision="bf16")
+    assert e.dtype == torch.float32 and not torch.equal(a, e) and (a - e).abs().mean() < 0.02
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        again.sample({"label": [1]}, steps=2, precision="fp16")
     with pytest.raises(ValueError, match="accepts: label"):
         again.sample({"caption": ["a red circle"]}, steps=2)
 
@@ -217,7 +222,18 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     meta = json.loads((tmp_path / "o3/0000.json").read_text())
     assert meta["conditions"] == {"label": f"@{tmp_path / 'label.json'}"} and meta["negative"] == {"label": 2}
     bad = run("--cond", f"label=@{tmp_path / 'label.npy'}", "--out", str(tmp_path / "b"))
-    assert bad.returncode == 2 and "--cond label" in bad.stderr and ".json" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--cond label" in bad.stderr and "not a readable .npy" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    (tmp_path / "label.bin").write_bytes(b"4")
+    bad = run("--cond", f"label=@{tmp_path / 'label.bin'}", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and ".json" in bad.stderr and "'.bin'" in bad.stderr
+    # --precision bf16 and --batch: recorded, and the images are still images of the condition
+    fast = run("--cond", "label=4", "--n", "3", "--steps", "3", "--seed", "7", "--batch", "2", "--precision", "bf16",
+               "--out", str(tmp_path / "o4"))
+    assert fast.returncode == 0, fast.stderr
+    meta = json.loads((tmp_path / "o4/0002.json").read_text())
+    assert (meta["batch"], meta["precision"], meta["batch_seed"]) == (2, "bf16", 1007)
+    assert run("--cond", "label=4", "--batch", "0", "--out", str(tmp_path / "b")).returncode == 2
 
 
 def test_eval_cli_scores_a_diffusion_model_with_the_chosen_sampler(ae_path, tmp_path):

@@ -171,4 +171,4 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(h)
+        return self.out(h).to(x.dtype)  # float32 in, float32 out, also under autocast (guidance combines in fp32)
