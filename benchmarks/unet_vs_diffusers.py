@@ -28,6 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample_vs_diffusers, beside this file
 
 import torch
 
@@ -36,30 +39,24 @@ CONTEXT_DIM, CONTEXT_TOKENS, LATENT_CHANNELS = 128, 8, 4
 
 
 def build(which: str, device: str):
-    torch.manual_seed(0)
-    if which == "ldmkit":
-        from ldmkit.conditioning import UNetWiring
-        from ldmkit.config import UNetConfig
-        from ldmkit.models.unet import UNet
+    """ldmkit's UNet at CONFIG, or diffusers' UNet2DConditionModel of the same configuration (built from it by
+    ``sample_vs_diffusers.build_diffusers_unet``, which checks heads, group norms and the time embedding;
+    with ``copy`` the diffusers model also gets ldmkit's weights — not needed for timing)."""
+    from ldmkit.conditioning import UNetWiring
+    from ldmkit.config import UNetConfig
+    from ldmkit.models.unet import UNet
 
-        model = UNet(UNetConfig(**CONFIG), LATENT_CHANNELS, UNetWiring(CONTEXT_DIM, CONTEXT_TOKENS, 0, None))
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(**CONFIG), LATENT_CHANNELS, UNetWiring(CONTEXT_DIM, CONTEXT_TOKENS, 0, None))
+    if which == "ldmkit":
+        model = unet
 
         def call(x, t, ctx):
             return model(x, t, ctx, None)
     else:
-        from diffusers import UNet2DConditionModel
+        from sample_vs_diffusers import build_diffusers_unet
 
-        mc, mult = CONFIG["model_channels"], CONFIG["channel_mult"]
-        widths = tuple(mc * m for m in mult)
-        attn = [i in CONFIG["attention_levels"] for i in range(len(mult))]
-        model = UNet2DConditionModel(
-            in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=widths,
-            layers_per_block=CONFIG["num_res_blocks"],
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-            cross_attention_dim=CONTEXT_DIM, attention_head_dim=tuple(w // CONFIG["num_heads"] for w in widths),
-            norm_num_groups=32, use_linear_projection=True,
-        )
+        model = build_diffusers_unet(unet).train()
 
         def call(x, t, ctx):
             return model(x, t, encoder_hidden_states=ctx).sample
