@@ -159,9 +159,13 @@ def _sr(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dict[str, flo
 
 def _inpaint(conds: list[Sample], imgs: list[np.ndarray], ctx: dict) -> dict[str, float]:
     truth = [c.image for c in conds]
+    # object_f1 counts only objects the visible part determines (>= half outside the hole): 15 % of the
+    # suite's objects are wholly hidden, so scoring every object capped any inpainter near 0.92 and gave a
+    # grey fill 0.44; object_f1_all is that all-objects score, for comparison (docs/evaluation.md).
     return {"psnr_outside": im.psnr(imgs, truth, [~c.mask for c in conds]),
             "psnr_inside": im.psnr(imgs, truth, [c.mask for c in conds]),
-            "object_f1": sh.object_f1(conds, imgs)}
+            "object_f1": sh.inpaint_object_f1(conds, imgs),
+            "object_f1_all": sh.object_f1(conds, imgs)}
 
 
 def _fd(imgs: list[np.ndarray], ctx: dict) -> float:

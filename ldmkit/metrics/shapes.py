@@ -54,7 +54,7 @@ from ldmkit.data.shapes import (
 
 __all__ = [
     "ParsedObject", "SceneParse", "parse_scene", "parse_scene_details", "semantic_map", "is_clean",
-    "box_iou", "class_acc", "caption_acc", "layout_scores", "semantic_scores", "object_f1",
+    "box_iou", "class_acc", "caption_acc", "layout_scores", "semantic_scores", "object_f1", "inpaint_object_f1",
     "valid_scene_rate", "valid_scene_faults", "scene_faults", "MIN_AREA", "MAX_JUNK", "MAX_MISFIT",
     "MIN_SHAPE_MARGIN", "MAX_COLOUR_ERROR", "SIZE_BANDS", "MIN_GAP", "MAX_SPECKS", "JUNK_DISTANCE",
 ]
@@ -553,6 +553,56 @@ def object_f1(conditions: Sequence[Sample], images: Sequence[np.ndarray], iou_th
         tp += sum(truth[r]["class_id"] == objs[c].class_id for r, c, v in zip(rows, cols, iou) if v >= iou_threshold)
         n_true, n_found = n_true + len(truth), n_found + len(objs)
     return 2 * tp / (n_true + n_found) if n_true + n_found else 1.0
+
+
+def _visible_fractions(sample: Sample, hole: np.ndarray) -> list[float]:
+    """Per truth object, the fraction of its pixels (the class map inside its box) outside ``hole``."""
+    if sample.segmentation is None:
+        raise ValueError("inpainting scores need the condition's segmentation (the objects' pixels)")
+    h, w = hole.shape
+    out = []
+    for o in _truth(sample):
+        x0, y0, x1, y1 = o["box"]
+        rows = slice(int(np.floor(y0 * h)), int(np.ceil(y1 * h)))
+        cols = slice(int(np.floor(x0 * w)), int(np.ceil(x1 * w)))
+        pix = sample.segmentation[rows, cols] == o["class_id"] + 1
+        total = int(pix.sum())
+        out.append(float((pix & ~hole[rows, cols]).sum() / total) if total else 0.0)
+    return out
+
+
+def inpaint_object_f1(conditions: Sequence[Sample], images: Sequence[np.ndarray], min_visible: float = 0.5,
+                      iou_threshold: float = 0.5) -> float:
+    """Object F1 for inpainting: only what the visible part of the scene determines counts.
+
+    Asked (truth) objects with at least ``min_visible`` of their pixels outside the hole (``mask``, True =
+    unknown) must be found — same (colour, shape), IoU >= ``iou_threshold`` after Hungarian matching. An
+    object mostly hidden cannot be known from the input: a parsed object matched to it, or one lying
+    mostly inside the hole and matched to nothing, is plausible content, neither a hit nor an error. Every
+    other parsed object (a spurious object in the known region) is a false positive. Pooled over images.
+    """
+    _check_pairs(conditions, images)
+    tp = n_required = n_false = 0
+    for s, img in zip(conditions, images):
+        if s.mask is None:
+            raise ValueError("inpainting scores need the condition's mask (True = the hole)")
+        hole = np.asarray(s.mask, bool)
+        truth, objs = _truth(s), parse_scene(img)
+        required = [v >= min_visible for v in _visible_fractions(s, hole)]
+        rows, cols, iou = _match(truth, objs)
+        matched = dict(zip(cols.tolist(), zip(rows.tolist(), iou.tolist())))
+        n_required += sum(required)
+        for j, o in enumerate(objs):
+            if j in matched:
+                r, v = matched[j]
+                hit = v >= iou_threshold and truth[r]["class_id"] == o.class_id
+                if required[r]:
+                    tp += hit
+                    n_false += not hit  # a required object drawn wrong is both missed and spurious
+                continue
+            inside = float((o.mask & hole).sum() / max(int(o.mask.sum()), 1))
+            n_false += inside < 0.5
+    return 2 * tp / (2 * tp + (n_required - tp) + n_false) if n_required + n_false else 1.0
 
 
 def valid_scene_rate(images: Sequence[np.ndarray]) -> float:
