@@ -95,8 +95,10 @@ class DiffusionGenerator:
     """Samples one image per condition, passing every condition key the model accepts."""
 
     def __init__(self, model: Any, *, sampler: str = "ddim", steps: int = 50, guidance: float | Mapping[str, float] | None = None,
-                 seed: int = 0, batch_size: int = 64, unconditional: bool = False):
+                 seed: int = 0, batch_size: int = 64, unconditional: bool = False,
+                 options: Mapping[str, Any] | None = None):
         self.model = model
+        self.options = dict(options or {})  # more keyword arguments of model.sample (paste, precision, ...)
         self.sampler = sampler
         self.steps = steps
         self.guidance = guidance
@@ -121,7 +123,8 @@ class DiffusionGenerator:
             if missing:
                 raise ValueError(f"the evaluation conditions carry no {', '.join(missing)}, which this model needs")
             images = self.model.sample(conds or None, n=None if conds else len(chunk), sampler=self.sampler,
-                                       steps=self.steps, guidance=self.guidance, seed=self.seed + 1000 * b)
+                                       steps=self.steps, guidance=self.guidance, seed=self.seed + 1000 * b,
+                                       **self.options)
             out.extend(tensor_to_images(images))
         return out
 

@@ -392,6 +392,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics.update(generate.extra_metrics())
     n = suite_size(args.suite, args.n, args.seed, args.size)  # what was scored (recon-photos caps n)
     result = {"suite": args.suite, "model": args.model, "n": n, "metrics": metrics}
+    if generate is not None and hasattr(generate, "options"):
+        changed = {k: v for k, v in generate.options.items() if v != {"keep_known": True, "paste": True, "precision": "fp32"}[k]}
+        if changed:
+            result["options"] = changed  # non-default sampling options, so the JSON says what was measured
     if args.json:
         print(json.dumps(result))
     else:
@@ -415,7 +419,8 @@ def _model_generator(args: argparse.Namespace):
     if kind == "autoencoder":
         return recon_generator(model)
     return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
-                               seed=args.seed, unconditional=args.suite == "shapes-uncond")
+                               seed=args.seed, unconditional=args.suite == "shapes-uncond",
+                               options={"keep_known": args.keep_known, "paste": args.paste, "precision": args.precision})
 
 
 def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | None:
@@ -719,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
+    p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
+                   help="inpainting: do not hold the known region's latents during sampling")
+    p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: paste the known pixels over the samples (default: on, as `ldmkit sample`)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the UNet's precision (default fp32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -763,7 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
                    help="inpainting: do not hold the known region's latents during sampling (default: held)")
-    p.add_argument("--paste", action="store_true", help="inpainting: paste the known pixels over the decoded images")
+    p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: paste the known pixels over the decoded images (default: on; --no-paste: the "
+                        "model's own pixels everywhere)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the UNet under bfloat16 autocast, ~2x faster on CPUs with native bf16 at large "
                         "batches, slightly different images (default fp32)")

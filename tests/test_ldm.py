@@ -343,7 +343,10 @@ def test_inpainting_keeps_the_known_region_with_any_sampler(ae_path, tmp_path):
         assert torch.allclose(seen[-1][..., :4], z0[..., :4], atol=1e-6), sampler
     model.sample(value, steps=3, seed=1, keep_known=False)
     assert not torch.allclose(seen[-1][..., :4], z0[..., :4], atol=1e-3)
-    pasted = model.sample(value, steps=3, seed=1, paste=True)
+    pasted = model.sample(value, steps=3, seed=1)  # paste is the default
     original = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(pasted[0, :, :, :16], original[:, :, :16], atol=1e-6)
     assert not torch.allclose(pasted[0, :, :, 16:], original[:, :, 16:], atol=1e-2)
+    unpasted = model.sample(value, steps=3, seed=1, paste=False)
+    assert not torch.allclose(unpasted[0, :, :, :16], original[:, :, :16], atol=1e-3)
+    assert torch.equal(unpasted[0, :, :, 16:], pasted[0, :, :, 16:])  # paste touches only the known pixels

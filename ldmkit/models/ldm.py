@@ -168,7 +168,7 @@ class LatentDiffusion(nn.Module):
         width: int | None = None,
         callback: Callable[[dict[str, Any]], Any] | None = None,
         keep_known: bool = True,
-        paste: bool = False,
+        paste: bool = True,
         precision: str = "fp32",
         **sampler_options: Any,
     ) -> Tensor:
@@ -183,7 +183,10 @@ class LatentDiffusion(nn.Module):
         Conditioners that know part of the result (inpainting: :meth:`Conditioner.known_latents`) keep
         it: with ``keep_known`` the model sees the known latents, noised to each step's level, in place
         of its own (any sampler; the paper's and CompVis' blend), and the final latents take the known
-        ones there; ``paste`` also copies the known pixels over the decoded image.
+        ones there; ``paste`` (default on, as CompVis' inpainting script does) also copies the known
+        pixels over the decoded image, so they come back exactly — without it, the pixels near the hole
+        that share a latent cell with it are regenerated too. Neither applies to models without such a
+        conditioner.
 
         ``precision="bf16"`` runs the UNet under bfloat16 autocast (its convolutions and matrix products;
         the sampler's arithmetic, guidance, conditioners and decoder stay float32): about 2x faster on
