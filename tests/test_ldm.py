@@ -59,10 +59,11 @@ def test_training_reduces_loss_and_writes_everything(ae_path, tmp_path):
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "done"
 
 
-def test_resume_reproduces_the_uninterrupted_run(ae_path, tmp_path):
-    full = train_cfg(ae_path, tmp_path / "full")
+@pytest.mark.parametrize("fused", [False, True])
+def test_resume_reproduces_the_uninterrupted_run(ae_path, tmp_path, fused):
+    full = train_cfg(ae_path, tmp_path / "full", fused_optimizer=fused)
     train_diffusion(full, progress=False)
-    part = train_cfg(ae_path, tmp_path / "part")
+    part = train_cfg(ae_path, tmp_path / "part", fused_optimizer=fused)
     train_diffusion(part, progress=False, stop_after=3)  # as if killed after the step-3 checkpoint
     assert not (tmp_path / "part/model.safetensors").exists()
     train_diffusion(part, resume=True, progress=False)

@@ -74,6 +74,10 @@ class DiffusionTrainConfig(BaseModel):
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    fused_optimizer: bool = Field(
+        False, description="AdamW(fused=True): the whole update as one kernel per parameter group (27 -> 15 ms a "
+                           "step for the zoo's UNets on 2 CPU cores); rounding differs from the default AdamW, so "
+                           "it is part of the recipe")
     grad_clip: float | None = Field(1.0, gt=0)
     ema: float | None = Field(0.999, gt=0, lt=1, description="EMA decay (off if null)")
     cache_latents: bool = True
@@ -278,7 +282,7 @@ def train_diffusion(
     model.train()
     ema = _EMA(model, cfg.ema) if cfg.ema else None
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cfg.fused_optimizer else None)
     start = 0
     if resume:
         ckpt, saved = _read_train_checkpoint(ckpt_path)
