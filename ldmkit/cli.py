@@ -244,7 +244,7 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
             row_labels = [f"{c:2d} {' '.join(reversed(class_name(c)))}" for c in range(NUM_CLASSES)]
             what = f"label=0..{NUM_CLASSES - 1}, guidance {model.config.guidance}"
         elif keys:  # any other conditions: held-out scenes' conditions, the input drawn beside its samples
-            rows, row_labels, what = _inputs_beside_samples(model, sorted(keys), per_scene=4)
+            rows, row_labels, what = _inputs_beside_samples(model, sorted(keys), per_scene=4, data=_recipe_data(name))
             images = np.concatenate([r[-4:] for r in rows])  # the samples (each row starts with its inputs)
         else:
             images = tensor_to_images(model.sample(None, n=32, sampler="ddim", steps=50, seed=0))
@@ -258,21 +258,24 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         _gallery_add(args, path, f"zoo:{name}", f"{what} (DDIM 50 steps, the model's default guidance, seed 0)", name)
 
 
-def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4, size: int | None = None):
+def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_scene: int = 4, size: int | None = None,
+                           data: str = "shapes"):
     """Rows ``[input picture, the scene's own image, per_scene samples]`` for held-out eval scenes.
 
     ``size`` (default: the training size) draws the scenes, and samples, at another size: larger ones
-    sample convolutionally (paper §4.3.2)."""
+    sample convolutionally (paper §4.3.2). ``data`` names the data set whose ``eval`` split gives the
+    conditions (a zoo model's recipe says which it was trained on: :func:`_recipe_data`)."""
     import numpy as np
 
+    from ldmkit.data import load_dataset
     from ldmkit.data.preview import condition_panel
-    from ldmkit.data.shapes import ShapesWorld
     from ldmkit.fields import sample_value
     from ldmkit.models.ldm import tensor_to_images
 
     size = size or model.config.image_size
-    world = ShapesWorld(split="eval", size=size, seed=0)
-    chosen = [world[i] for i in range(scenes)]
+    world = load_dataset(data, split="eval", size=size, seed=0)
+    step = max(1, len(world) // scenes) if data != "shapes" else 1  # spread over a small eval set (emoji)
+    chosen = [world[i * step] for i in range(min(scenes, len(world)))]
     values = {k: [sample_value(s, k) for s in chosen for _ in range(per_scene)] for k in keys}
     images = tensor_to_images(model.sample(values, sampler="ddim", steps=50, seed=0, height=size, width=size))
     panel_hw = images.shape[1:3]
@@ -282,8 +285,20 @@ def _inputs_beside_samples(model: Any, keys: list[str], scenes: int = 6, per_sce
         panels = [condition_panel(sample_value(s, k), k, panel_hw) for k in pictured]
         rows.append(np.stack([*panels, s.image, *images[i * per_scene:(i + 1) * per_scene]]))
         labels.append(s.caption if "caption" in keys else f"eval scene {i}")
+    scenes = len(chosen)
     inputs = ", ".join(pictured) + (" (drawn), " if pictured else "") + "the scene, then samples"
     return rows, labels, f"{', '.join(keys)} of {scenes} held-out scenes; columns: {inputs}"
+
+
+def _recipe_data(name: str) -> str:
+    """The data set a zoo model was trained on (its recipe's ``data.name``; shapes when it does not say)."""
+    import yaml
+
+    from ldmkit.zoo import ZOO_DIR
+
+    recipe = ZOO_DIR / f"{name}.yaml"
+    data = (yaml.safe_load(recipe.read_text()) or {}).get("data", {}) if recipe.is_file() else {}
+    return str(data.get("name", "shapes"))
 
 
 def _zoo_names(kind: str, title: str) -> list[str]:
