@@ -96,8 +96,15 @@ class DiffusionGenerator:
 
     def __init__(self, model: Any, *, sampler: str = "ddim", steps: int = 50, guidance: float | Mapping[str, float] | None = None,
                  seed: int = 0, batch_size: int = 64, unconditional: bool = False,
-                 options: Mapping[str, Any] | None = None):
+                 options: Mapping[str, Any] | None = None, keys: Sequence[str] | None = None):
         self.model = model
+        accepted = model.stack.accepted_keys()
+        if keys is not None:
+            unknown = [k for k in keys if k not in accepted]
+            if unknown:
+                raise ValueError(f"this model reads no {', '.join(map(repr, unknown))}; it reads: {', '.join(sorted(accepted)) or 'nothing'}")
+        # the condition keys given to the model (None: every key it reads); the rest get their nulls
+        self.keys = None if keys is None else sorted(keys)
         self.options = dict(options or {})  # more keyword arguments of model.sample (paste, precision, ...)
         self.sampler = sampler
         self.steps = steps
@@ -113,7 +120,7 @@ class DiffusionGenerator:
 
         from ldmkit.fields import check_keys, sample_value
 
-        keys = [] if self.unconditional else sorted(self.model.stack.accepted_keys())
+        keys = [] if self.unconditional else self.keys if self.keys is not None else sorted(self.model.stack.accepted_keys())
         check_keys({k: self.model.stack.accepted_keys()[k] for k in keys})
         out: list[np.ndarray] = []
         chunks = list(_batches(conditions, self.batch_size))

@@ -407,6 +407,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics.update(generate.extra_metrics())
     n = suite_size(args.suite, args.n, args.seed, args.size)  # what was scored (recon-photos caps n)
     result = {"suite": args.suite, "model": args.model, "n": n, "metrics": metrics}
+    if generate is not None and getattr(generate, "keys", None) is not None:
+        result["keys"] = generate.keys  # what the model was given
     if generate is not None and hasattr(generate, "options"):
         changed = {k: v for k, v in generate.options.items() if v != {"keep_known": True, "paste": True, "precision": "fp32"}[k]}
         if changed:
@@ -433,9 +435,15 @@ def _model_generator(args: argparse.Namespace):
     model = load(args.model)
     if kind == "autoencoder":
         return recon_generator(model)
+    from ldmkit.evaluate import SUITE_KEYS
+
+    keys = args.keys
+    if keys is None and SUITE_KEYS.get(args.suite) is not None:  # a composed model gets the suite's condition only
+        keys = [k for k in SUITE_KEYS[args.suite] if k in model.stack.accepted_keys()]
     return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
                                seed=args.seed, unconditional=args.suite == "shapes-uncond",
-                               options={"keep_known": args.keep_known, "paste": args.paste, "precision": args.precision})
+                               options={"keep_known": args.keep_known, "paste": args.paste, "precision": args.precision},
+                               keys=None if args.suite == "shapes-uncond" else keys)
 
 
 def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | None:
@@ -744,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: paste the known pixels over the samples (default: on, as `ldmkit sample`)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the UNet's precision (default fp32)")
+    p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                   help="condition keys given to the model (default: the suite's own, e.g. label for shapes-class; "
+                        "a composed model's other conditioners get their nulls). E.g. --keys caption boxes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

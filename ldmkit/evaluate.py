@@ -38,12 +38,20 @@ from ldmkit.data.shapes import ShapesWorld, area_downsample
 from ldmkit.metrics import image as im
 from ldmkit.metrics import shapes as sh
 
-__all__ = ["SUITES", "MODES", "run_suite", "suite_conditions", "suite_size", "derangement", "fd_reference_features",
+__all__ = ["SUITES", "SUITE_KEYS", "MODES", "run_suite", "suite_conditions", "suite_size", "derangement", "fd_reference_features",
            "main"]
 
 SUITES = ("shapes-class", "shapes-caption", "shapes-layout", "shapes-semantic", "shapes-sr", "shapes-inpaint",
           "shapes-uncond", "recon-shapes", "recon-photos", "emoji-text")
 MODES = ("reference", "shuffled", "model")
+#: The condition each suite is about. A model that reads several keys (a composed model) is given only
+#: these when evaluated on the suite, the others left to their nulls; ``ldmkit eval --keys`` overrides.
+#: None: every key the model reads (inpainting's ``inpaint`` field is a plugin's, derived from image + mask).
+SUITE_KEYS: dict[str, tuple[str, ...] | None] = {
+    "shapes-class": ("label",), "shapes-caption": ("caption",), "shapes-layout": ("boxes",),
+    "shapes-semantic": ("segmentation",), "shapes-sr": ("lowres",), "shapes-inpaint": None, "shapes-uncond": (),
+    "emoji-text": ("caption",),
+}
 Mode = Literal["reference", "shuffled", "model"]
 Generate = Callable[[list[Sample]], list[np.ndarray]]
 #: The fd reference set: eval-split scenes [FD_REFERENCE_START, FD_REFERENCE_START + FD_REFERENCE_N),

@@ -351,3 +351,35 @@ def test_inpainting_keeps_the_known_region_with_any_sampler(ae_path, tmp_path):
     unpasted = model.sample(value, steps=3, seed=1, paste=False)
     assert not torch.allclose(unpasted[0, :, :, :16], original[:, :, :16], atol=1e-3)
     assert torch.equal(unpasted[0, :, :, 16:], pasted[0, :, :, 16:])  # paste touches only the known pixels
+
+
+def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path):
+    """ldmkit eval --suite shapes-class on a model reading label and caption gives it the label only (the
+    caption conditioner gets its null); --keys chooses; an unknown key is an error naming what it reads."""
+    from ldmkit.cli import main
+
+    data = train_cfg(ae_path, tmp_path / "x").model.model_dump()
+    data["conditioning"]["conditioners"] = [
+        {"type": "class", "key": "label", "num_classes": 18, "dim": 16, "dropout": 0.3},
+        {"type": "text", "width": 16, "layers": 1, "heads": 2, "context_length": 16, "dropout": 0.3}]
+    model = LatentDiffusion(load_config(data), Autoencoder(AutoencoderConfig(**TINY_AE)))
+    path = save_ldm(model, tmp_path / "m.safetensors")
+    seen = []
+    original = LatentDiffusion.sample
+
+    def spy(self, conditions=None, **kw):
+        seen.append(sorted(conditions or {}))
+        return original(self, conditions, **kw)
+
+    LatentDiffusion.sample = spy
+    try:
+        assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--steps", "1", "--json"]) == 0
+        assert seen[-1] == ["label"]
+        assert main(["eval", str(path), "--suite", "shapes-caption", "--n", "2", "--steps", "1", "--json"]) == 0
+        assert seen[-1] == ["caption"]
+        assert main(["eval", str(path), "--suite", "shapes-caption", "--n", "2", "--steps", "1", "--keys", "caption",
+                     "label", "--json"]) == 0
+        assert seen[-1] == ["caption", "label"]
+        assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--keys", "boxes"]) == 2
+    finally:
+        LatentDiffusion.sample = original
