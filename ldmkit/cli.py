@@ -508,7 +508,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {args.out} is the checkpoint being exported; write the model file elsewhere")
     path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance),
-                        dtype=args.dtype)
+                        dtype=args.dtype, bundle_autoencoder=not args.reference_autoencoder)
     print(f"wrote {path}")
     return 0
 
@@ -772,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
     p.add_argument("--dtype", choices=["float32", "float16"], default=None, help="stored precision (default: the recipe's save_dtype)")
     p.add_argument("--guidance", nargs="*", default=None, help="store this default guidance: SCALE or NAME=SCALE ...")
+    p.add_argument("--reference-autoencoder", action="store_true",
+                   help="store a reference to the recipe's zoo autoencoder (name + digest) instead of its weights")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--data", action="append", required=True, help="NAME:SPLIT whose captions the model must keep")
     p.add_argument("--n", type=int, default=20000, help="samples read per split (default 20000)")
+    p.add_argument("--reference-autoencoder", action="store_true",
+                   help="also replace the bundled zoo autoencoder by a reference (name + digest; see save_ldm)")
     args = p.parse_args()
 
     meta = read_metadata(args.model)
@@ -77,6 +79,19 @@ def main() -> None:
             a, b = before.stack.conditioners[name].null(1), after.stack.conditioners[name].null(1)
             if not torch.equal(a.value, b.value):
                 raise SystemExit(f"{name}: the pruned model's null differs")
+    if args.reference_autoencoder:
+        from ldmkit.models.ldm import save_ldm
+
+        half = any(v.dtype == torch.float16 for v in tensors.values())
+        extra = {k: v for k, v in meta.items() if k == "ldmkit.train_steps"}
+        save_ldm(after, args.out, dtype="float16" if half else "float32", extra_metadata=extra, bundle_autoencoder=False)
+        again = load_ldm(args.out)
+        with torch.inference_mode():
+            for name, caps in texts.items():
+                if not torch.equal(after.stack.conditioners[name].encode(caps).value,
+                                   again.stack.conditioners[name].encode(caps).value):
+                    raise SystemExit(f"{name}: the copy referencing its autoencoder encodes differently")
+        print(f"the autoencoder is referenced ({after.config.autoencoder}), not bundled")
     mb = lambda path: path.stat().st_size / 1e6  # noqa: E731
     print(f"{args.out}: {mb(args.model):.1f} MB -> {mb(args.out):.1f} MB; every caption encodes identically")
 

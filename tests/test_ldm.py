@@ -383,3 +383,32 @@ def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path
         assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--keys", "boxes"]) == 2
     finally:
         LatentDiffusion.sample = original
+
+
+def test_a_model_can_reference_its_zoo_autoencoder_instead_of_bundling_it(tmp_path):
+    """save_ldm(bundle_autoencoder=False): no autoencoder tensors, the zoo name and digest instead; it loads
+    and samples exactly as the bundled file; a digest that no longer matches is refused."""
+    import ldmkit
+    from ldmkit.models.ldm import AUTOENCODER_DIGEST_KEY
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+
+    data = {"image_size": 32, "autoencoder": "zoo:shapes-kl-f4", "latent_channels": 3, "downsample_factor": 4,
+            "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "num_heads": 2},
+            "conditioning": {"context_dim": 16, "conditioners": [{"type": "class", "num_classes": 18, "dim": 16}]}}
+    torch.manual_seed(0)
+    model = LatentDiffusion(load_config(data), ldmkit.load("zoo:shapes-kl-f4")).eval()
+    bundled = save_ldm(model, tmp_path / "b.safetensors")
+    referenced = save_ldm(model, tmp_path / "r.safetensors", bundle_autoencoder=False)
+    assert referenced.stat().st_size < bundled.stat().st_size - 1_000_000
+    assert not any(k.startswith("autoencoder.") for k in load_checkpoint(referenced).tensors)
+    a = load_ldm(bundled).sample({"label": [3]}, steps=2)
+    b = load_ldm(referenced).sample({"label": [3]}, steps=2)
+    assert torch.equal(a, b)
+    ckpt = load_checkpoint(referenced)
+    meta = {**read_metadata(referenced), AUTOENCODER_DIGEST_KEY: "0" * 64}
+    save_checkpoint(tmp_path / "t.safetensors", dict(ckpt.tensors), meta)
+    with pytest.raises(CheckpointError, match="needs the autoencoder it was trained with"):
+        load_ldm(tmp_path / "t.safetensors")
+    model.config.autoencoder = str(tmp_path / "some.safetensors")
+    with pytest.raises(ValueError, match="only a zoo autoencoder can be referenced"):
+        save_ldm(model, tmp_path / "x.safetensors", bundle_autoencoder=False)

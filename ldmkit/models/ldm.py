@@ -417,14 +417,32 @@ def _gib(n: float) -> str:
 
 
 # -- files -------------------------------------------------------------------------------------
+#: Metadata of a model file that references its zoo autoencoder instead of bundling it.
+AUTOENCODER_REF_KEY = "ldmkit.autoencoder_ref"
+AUTOENCODER_DIGEST_KEY = "ldmkit.autoencoder_sha256"
+
+
 def save_ldm(model: LatentDiffusion, path: str | os.PathLike[str], *, dtype: Literal["float32", "float16"] = "float32",
-             extra_metadata: Mapping[str, Any] | None = None) -> Path:
-    """One safetensors file: ``unet.*``, ``stack.*`` and ``autoencoder.*`` with both configs in the metadata."""
-    from ldmkit.train.checkpoint import make_metadata, module_tensors, save_checkpoint
+             extra_metadata: Mapping[str, Any] | None = None, bundle_autoencoder: bool = True) -> Path:
+    """One safetensors file: ``unet.*``, ``stack.*`` and ``autoencoder.*`` with both configs in the metadata.
+
+    ``bundle_autoencoder=False`` (for a ``zoo:`` first stage only) stores a reference instead of the
+    autoencoder's tensors: its zoo name and the digest of the zoo file, checked when the model is loaded
+    (a smaller file; it loads only where that exact zoo autoencoder is installed).
+    """
+    from ldmkit.train.checkpoint import DIGEST_KEY, make_metadata, module_tensors, read_metadata, save_checkpoint
 
     tensors = {**module_tensors(model.unet, "unet."), **module_tensors(model.stack, "stack.")}
     extra: dict[str, Any] = dict(extra_metadata or {})
-    if model.autoencoder is not None:
+    if model.autoencoder is not None and not bundle_autoencoder:
+        from ldmkit.zoo import resolve
+
+        ref = model.config.autoencoder
+        if not (isinstance(ref, str) and ref.startswith("zoo:")):
+            raise ValueError(f"only a zoo autoencoder can be referenced instead of bundled; this model's is {ref!r}")
+        extra[AUTOENCODER_REF_KEY] = ref
+        extra[AUTOENCODER_DIGEST_KEY] = read_metadata(resolve(ref))[DIGEST_KEY]
+    elif model.autoencoder is not None:
         tensors.update(module_tensors(model.autoencoder, "autoencoder."))
         extra["ldmkit.autoencoder_config"] = model.autoencoder.config.model_dump_json()
     if dtype == "float16":
@@ -451,7 +469,19 @@ def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
         hint = "" if "more than one plugin" in str(exc) else "\n(is the plugin that provides it installed? see `ldmkit plugins`)"
         raise ConfigError(f"{path}: cannot rebuild the model: {exc}{hint}") from None
     autoencoder = None
-    if "ldmkit.autoencoder_config" in meta:
+    if AUTOENCODER_REF_KEY in meta:  # a reference to a zoo autoencoder, checked by digest
+        from ldmkit.models.autoencoder import load_autoencoder
+        from ldmkit.train.checkpoint import DIGEST_KEY
+        from ldmkit.zoo import resolve
+
+        ref = meta[AUTOENCODER_REF_KEY]
+        ae_path = resolve(ref)
+        if read_metadata(ae_path).get(DIGEST_KEY) != meta.get(AUTOENCODER_DIGEST_KEY):
+            raise CheckpointError(f"{path} was saved with the autoencoder {ref} of digest "
+                                  f"{meta.get(AUTOENCODER_DIGEST_KEY)}, but {ae_path} holds another one; "
+                                  "this model needs the autoencoder it was trained with")
+        autoencoder = load_autoencoder(ae_path).freeze()
+    elif "ldmkit.autoencoder_config" in meta:
         try:
             ae_config = AutoencoderConfig.model_validate(metadata_config(path, meta, "ldmkit.autoencoder_config"))
         except ValidationError as exc:
@@ -471,6 +501,8 @@ def load_ldm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
             raise CheckpointError(f"{path}: {name}.{bad[0]} is not floating point")
     load_module_state(model.unet, groups["unet"], f"{path} (unet)")
     load_module_state(model.stack, groups["stack"], f"{path} (conditioning stack)")
-    if autoencoder is not None:
+    if autoencoder is not None and AUTOENCODER_REF_KEY not in meta:
         load_module_state(autoencoder, groups["autoencoder"], f"{path} (autoencoder)")
+    elif groups["autoencoder"]:
+        raise CheckpointError(f"{path} both references and bundles an autoencoder")
     return model.to(device).eval()

@@ -377,13 +377,14 @@ def train_diffusion(
 
 def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = True,
                  guidance: float | dict[str, float] | None = None,
-                 dtype: Literal["float32", "float16"] | None = None) -> Path:
+                 dtype: Literal["float32", "float16"] | None = None, bundle_autoencoder: bool = True) -> Path:
     """Write a model file (as training's final ``model.safetensors``) from a training checkpoint.
 
     For stopping a run early and keeping what it has learnt: the weights are the checkpoint's EMA
     weights (or the raw ones with ``use_ema=False``); ``guidance`` sets the model's default guidance
     (``config.guidance``, validated); ``dtype`` the stored precision (default: the recipe's
-    ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does.
+    ``save_dtype``). The recipe's autoencoder is loaded to be bundled as training does, or, with
+    ``bundle_autoencoder=False`` and a ``zoo:`` autoencoder, referenced (see :func:`save_ldm`).
     """
     if Path(out).exists() and Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"{out} is the checkpoint being exported; write the model file elsewhere")
@@ -397,7 +398,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, use_ema: bool = Tru
     model = LatentDiffusion(model_cfg, load_first_stage(model_cfg.autoencoder))
     _load_trainable(model, ckpt, prefix)
     step = int(ckpt.metadata["ldmkit.step"])
-    return save_ldm(model.eval(), out, dtype=dtype or cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step})
+    return save_ldm(model.eval(), out, dtype=dtype or cfg.save_dtype, extra_metadata={"ldmkit.train_steps": step},
+                    bundle_autoencoder=bundle_autoencoder)
 
 
 def _read_train_checkpoint(path: str | Path) -> tuple[Any, DiffusionTrainConfig]:
