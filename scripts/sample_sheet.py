@@ -2,7 +2,7 @@
 
 Usage: python scripts/sample_sheet.py zoo:shapes-semantic OUT.png [--size 64] [--scenes 4] [--per-scene 3]
 
-Held-out shapes scenes drawn at ``--size`` give the conditions (every key the model reads); larger than
+Held-out scenes (the eval split of the zoo model's training data; shapes otherwise) drawn at ``--size`` give the conditions (every key the model reads); larger than
 the training size the model samples convolutionally (paper §4.3.2). Columns: the inputs (drawn), the
 scene itself, then the samples (DDIM 50, the model's default guidance, seed 0).
 """
@@ -13,7 +13,7 @@ import argparse
 import time
 
 from ldmkit.api import load
-from ldmkit.cli import _inputs_beside_samples
+from ldmkit.cli import _inputs_beside_samples, _recipe_data
 from ldmkit.data.preview import image_rows
 
 
@@ -28,8 +28,9 @@ def main() -> None:
     args = p.parse_args()
     model = load(args.model)
     start = time.perf_counter()
+    data = _recipe_data(args.model.removeprefix("zoo:")) if args.model.startswith("zoo:") else "shapes"
     rows, labels, what = _inputs_beside_samples(model, sorted(model.stack.accepted_keys()), args.scenes,
-                                                args.per_scene, args.size)
+                                                args.per_scene, args.size, data=data)
     image_rows(rows, labels, scale=args.scale).save(args.out)
     print(f"{args.model} at {args.size or model.config.image_size}px: {what} ({time.perf_counter() - start:.1f} s) -> {args.out}")
 
