@@ -410,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if generate is not None and getattr(generate, "keys", None) is not None:
         result["keys"] = generate.keys  # what the model was given
     if generate is not None and hasattr(generate, "options"):
-        changed = {k: v for k, v in generate.options.items() if v != {"keep_known": True, "paste": True, "precision": "fp32"}[k]}
+        changed = {k: v for k, v in generate.options.items() if v != SAMPLING_DEFAULTS[k]}
         if changed:
             result["options"] = changed  # non-default sampling options, so the JSON says what was measured
     if args.json:
@@ -420,6 +420,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in metrics.items():
             print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
     return 0
+
+
+#: Sampling options shared by ``ldmkit sample`` and ``ldmkit eval``, with their defaults (as model.sample's).
+SAMPLING_DEFAULTS = {"keep_known": True, "paste": True, "precision": "fp32"}
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--no-keep-known, --paste/--no-paste and --precision (defaults: :data:`SAMPLING_DEFAULTS`)."""
+    p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
+                   help="inpainting: do not hold the known region's latents during sampling (default: held)")
+    p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=SAMPLING_DEFAULTS["paste"],
+                   help="inpainting: paste the known pixels over the decoded images (default: on; --no-paste: the "
+                        "model's own pixels everywhere)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=SAMPLING_DEFAULTS["precision"],
+                   help="bf16: the UNet under bfloat16 autocast, ~2x faster on CPUs with native bf16 at large "
+                        "batches, slightly different images (default fp32)")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
 
 
 def _model_generator(args: argparse.Namespace):
@@ -442,7 +462,7 @@ def _model_generator(args: argparse.Namespace):
         keys = [k for k in SUITE_KEYS[args.suite] if k in model.stack.accepted_keys()]
     return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
                                seed=args.seed, unconditional=args.suite == "shapes-uncond",
-                               options={"keep_known": args.keep_known, "paste": args.paste, "precision": args.precision},
+                               options=_sampling_options(args),
                                keys=None if args.suite == "shapes-uncond" else keys)
 
 
@@ -644,8 +664,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         images = tensor_to_images(model.sample(cond or None, n=None if cond else m, guidance=guidance,
                                                negative=neg or None, sampler=args.sampler, steps=args.steps,
                                                seed=seed, height=args.height, width=args.width,
-                                               keep_known=args.keep_known, paste=args.paste,
-                                               precision=args.precision))
+                                               **_sampling_options(args)))
         for j, im in enumerate(images):
             i = start + j
             Image.fromarray(im).save(out / f"{i:04d}.png")
@@ -747,11 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim (default), plms, dpmpp_2m")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--guidance", nargs="*", default=None, help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
-    p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
-                   help="inpainting: do not hold the known region's latents during sampling")
-    p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
-                   help="inpainting: paste the known pixels over the samples (default: on, as `ldmkit sample`)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the UNet's precision (default fp32)")
+    _add_sampling_options(p)
     p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
                    help="condition keys given to the model (default: the suite's own, e.g. label for shapes-class; "
                         "a composed model's other conditioners get their nulls). E.g. --keys caption boxes")
@@ -799,14 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for PNGs, JSON and grid.png")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
-    p.add_argument("--no-keep-known", dest="keep_known", action="store_false",
-                   help="inpainting: do not hold the known region's latents during sampling (default: held)")
-    p.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
-                   help="inpainting: paste the known pixels over the decoded images (default: on; --no-paste: the "
-                        "model's own pixels everywhere)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet under bfloat16 autocast, ~2x faster on CPUs with native bf16 at large "
-                        "batches, slightly different images (default fp32)")
+    _add_sampling_options(p)
     p.add_argument("--batch", type=int, default=SAMPLE_CHUNK,
                    help=f"images sampled (and written) at a time (default {SAMPLE_CHUNK}); larger is faster per image "
                         "on a CPU while memory allows; the images depend on --seed and --batch")
