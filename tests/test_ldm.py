@@ -86,8 +86,26 @@ def test_refuses_to_overwrite_or_resume_a_different_recipe(ae_path, tmp_path):
     train_diffusion(cfg, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_diffusion(cfg, progress=False)
-    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+    with pytest.raises(ValueError, match="differs in \\['batch_size'\\]"):
+        train_diffusion(train_cfg(ae_path, tmp_path / "r", steps=3, batch_size=4), resume=True, progress=False)
+    with pytest.raises(ValueError, match="changes steps already taken"):
         train_diffusion(train_cfg(ae_path, tmp_path / "r", steps=3, lr=1e-2), resume=True, progress=False)
+
+
+def test_a_decay_tail_added_on_resume_equals_the_recipe_trained_in_one_go(ae_path, tmp_path):
+    """A constant-rate run may be given a cosine tail from a step it has not taken yet; the result is
+    exactly the run whose recipe had that schedule from the start, so the recipe stays reproducible."""
+    tail = dict(lr_schedule="cosine", decay_start=3, final_lr_fraction=0.1)
+    train_diffusion(train_cfg(ae_path, tmp_path / "once", **tail), progress=False)
+    train_diffusion(train_cfg(ae_path, tmp_path / "two", steps=3), progress=False)
+    with pytest.raises(ValueError, match="start the decay \\(decay_start\\) at 3 or later"):
+        train_diffusion(train_cfg(ae_path, tmp_path / "two", **{**tail, "decay_start": 2}), resume=True, progress=False)
+    train_diffusion(train_cfg(ae_path, tmp_path / "two", **tail), resume=True, progress=False)
+    a, b = trainable(tmp_path / "once/last.safetensors"), trainable(tmp_path / "two/last.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "once/log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs[1] == pytest.approx(3e-4) and 3e-5 < lrs[-1] < 2.9e-4  # held until step 3, then decaying to 0.1 * lr
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ from ldmkit.train.checkpoint import (
     unflatten_optimizer_state,
 )
 from ldmkit.train.losses import FirstStageLoss, LossWeights, PerceptualLoss
+from ldmkit.train.schedule import lr_at
 
 __all__ = [
     "AutoencoderDataConfig",
@@ -262,14 +262,8 @@ class _EMA:
 
 
 def _lr_at(cfg: AutoencoderTrainConfig, step: int, base: float) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return base
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
-    lo = base * cfg.final_lr_fraction
-    return lo + (base - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr_at(step, base, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                 final_lr_fraction=cfg.final_lr_fraction)
 
 
 def _batch_psnr(x: Tensor, x_hat: Tensor) -> float:

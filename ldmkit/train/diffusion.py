@@ -32,6 +32,7 @@ from torch import nn
 from ldmkit.config import LatentDiffusionConfig, load_config
 from ldmkit.models.ldm import LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
 from ldmkit.train.autoencoder import batch_indices
+from ldmkit.train.schedule import LRSchedule, lr_at, same_past_rates
 from ldmkit.train.checkpoint import (
     CheckpointError,
     flatten_optimizer_state,
@@ -50,7 +51,8 @@ __all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "ex
            "load_first_stage"]
 
 TRAIN_CHECKPOINT_KIND = "latent_diffusion_train"
-RESUMABLE_CHANGES = {"steps", "log_every", "image_every", "ckpt_every", "out_dir", "num_threads", "save_dtype"}
+SCHEDULE_FIELDS = {"steps", "lr", "lr_schedule", "decay_start", "final_lr_fraction"}
+RESUMABLE_CHANGES = {"log_every", "image_every", "ckpt_every", "out_dir", "num_threads", "save_dtype"}
 
 
 class DiffusionDataConfig(BaseModel):
@@ -73,6 +75,12 @@ class DiffusionTrainConfig(BaseModel):
     batch_size: int = Field(64, gt=0, description="global batch (split across processes)")
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)
+    lr_schedule: LRSchedule = Field("constant", description="after warmup: constant, or a half-cosine down to "
+                                                            "final_lr_fraction * lr at the last step")
+    decay_start: int | None = Field(None, ge=0, description="cosine: hold lr until this step, then decay (default: "
+                                                            "right after warmup); may be set on resume when "
+                                                            "no step already taken changes")
+    final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a fraction of lr")
     weight_decay: float = Field(0.0, ge=0)
     fused_optimizer: bool = Field(
         False, description="AdamW(fused=True): the whole update as one kernel per parameter group (27 -> 15 ms a "
@@ -97,6 +105,24 @@ class DiffusionTrainConfig(BaseModel):
         if self.model.autoencoder is None and (self.model.downsample_factor, self.model.latent_channels) != (1, 3):
             raise ValueError("model.autoencoder is required unless the model is pixel-space (downsample_factor 1, latent_channels 3)")
         return self
+
+
+def _schedule(cfg: DiffusionTrainConfig) -> dict:
+    return {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule,
+            "final_lr_fraction": cfg.final_lr_fraction, "decay_start": cfg.decay_start}
+
+
+def _check_resumable(saved: DiffusionTrainConfig, cfg: DiffusionTrainConfig, start: int, path: Path) -> None:
+    """Refuse a resume whose config would change the run: only bookkeeping fields may differ, and the
+    learning-rate schedule only where it leaves every step already taken as it was."""
+    changed = sorted(k for k in DiffusionTrainConfig.model_fields
+                     if getattr(saved, k) != getattr(cfg, k) and k not in RESUMABLE_CHANGES | SCHEDULE_FIELDS)
+    if changed:
+        raise ValueError(f"cannot resume {path}: the config differs in {changed}; only {sorted(RESUMABLE_CHANGES | {'steps'})} "
+                         f"may change, and {sorted(SCHEDULE_FIELDS - {'steps'})} where no step already taken changes")
+    if not same_past_rates(_schedule(saved), _schedule(cfg), saved.lr, cfg.lr, start):
+        raise ValueError(f"cannot resume {path} at step {start}: the new learning-rate schedule changes steps already "
+                         f"taken; start the decay (decay_start) at {start} or later")
 
 
 def load_first_stage(ref: str | None, device: torch.device | str = "cpu"):
@@ -286,15 +312,13 @@ def train_diffusion(
     start = 0
     if resume:
         ckpt, saved = _read_train_checkpoint(ckpt_path)
-        changed = sorted(k for k in DiffusionTrainConfig.model_fields if getattr(saved, k) != getattr(cfg, k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(f"cannot resume {ckpt_path}: the config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change")
+        start = int(ckpt.metadata["ldmkit.step"])
+        _check_resumable(saved, cfg, start, ckpt_path)
         _load_trainable(model, ckpt, "model.")
         if ema is not None:
             _load_trainable(ema.model, ckpt, "ema.")
             ema.updates = int(ckpt.metadata["ldmkit.ema_updates"])
         opt.load_state_dict(unflatten_optimizer_state(ckpt.tensors, ckpt.metadata, "opt"))
-        start = int(ckpt.metadata["ldmkit.step"])
 
     loss_module: nn.Module = _LossModule(model)
     if world > 1:
@@ -320,7 +344,7 @@ def train_diffusion(
     t0, losses = time.perf_counter(), []
     for step in range(start, end):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            group["lr"] = lr_at(step, cfg.lr, **_schedule(cfg))
         idx = batch_indices(step, cfg.batch_size, data.n, cfg.seed)
         g = _step_generator(cfg.seed, step)
         # the global RNG (UNet dropout, plugins' own randomness) is also a function of (seed, step, rank),
