@@ -25,6 +25,10 @@ from ldmkit.models.ldm import load_ldm
 from ldmkit.train.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
+#: Config fields pruning may change (a pretrained tower is also detached from its file: see prune_vocabulary).
+PRUNED_FIELDS = {"vocabulary", "vocab_size", "pretrained", "allow_pickle", "causal", "trainable"}
+
+
 def captions(specs: list[str], key: str, n: int) -> list[str]:
     found: set[str] = set()
     for spec in specs:
@@ -63,7 +67,7 @@ def main() -> None:
         keep = caption_token_ids(texts[name])
         new_cfg, new_state = prune_vocabulary(cfg, {k: v for k, v in tensors.items() if k.startswith(prefix)}, keep, prefix)
         tensors.update(new_state)
-        config["conditioning"]["conditioners"][i] = {**cond, **new_cfg.model_dump(include={"vocabulary", "vocab_size"})}
+        config["conditioning"]["conditioners"][i] = {**cond, **new_cfg.model_dump(include=PRUNED_FIELDS)}
         print(f"{name}: {len(texts[name])} distinct captions use {len(keep)} of {cfg.vocab_size} tokens")
     if not texts:
         raise SystemExit(f"{args.model} has no text conditioner")

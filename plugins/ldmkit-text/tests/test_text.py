@@ -313,6 +313,25 @@ def test_pruned_vocabulary_refuses_unseen_words_listing_known_ones():
     assert info.value.index == 1 and "above" in info.value.allowed and "triangle" in info.value.allowed
 
 
+def test_pruning_a_pretrained_tower_detaches_it_from_its_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldmkit_text import caption_token_ids, prune_vocabulary
+
+    _, state = _tiny_clip_state()
+    path = tmp_path / "t.safetensors"
+    save_file(state, str(path))
+    full = SPEC.build(TextConfig(**_pretrained_cfg(path, causal=False)), None).eval()
+    cfg, new_state = prune_vocabulary(full.config, {f"c.{k}": v for k, v in full.state_dict().items()},
+                                      caption_token_ids(CAPTIONS), prefix="c.")
+    assert cfg.pretrained is None and cfg.causal is False and cfg.trainable is False
+    path.unlink()  # the pruned conditioner needs nothing but its state
+    small = SPEC.build(cfg, None).eval()
+    small.load_state_dict({k[2:]: v for k, v in new_state.items()})
+    with torch.inference_mode():
+        assert torch.equal(full.encode(CAPTIONS).value, small.encode(CAPTIONS).value)
+
+
 def test_pruned_vocabulary_config_rules():
     with pytest.raises(ValueError, match="outside"):
         TextConfig(vocabulary=[1, 2, CLIP_VOCAB_SIZE])

@@ -361,9 +361,9 @@ def prune_vocabulary(config: TextConfig, state: dict[str, torch.Tensor], keep: l
     gives nothing meaningful for it; pruning drops those rows (49,408 x width of them: 12.6 MB at width 128
     in float16) and makes the model refuse captions with unseen tokens instead. Outputs for captions made
     of kept tokens are unchanged. ``state`` holds the conditioner's tensors, keys under ``prefix``.
+    A conditioner built from a ``pretrained`` file comes back detached from it (``pretrained`` unset,
+    ``causal`` and ``trainable`` spelt out), so a model saved with the pruned config loads without the file.
     """
-    if config.pretrained is not None:
-        raise ValueError("prune_vocabulary: a pretrained tower's config names its file; prune a from-scratch model")
     keep = sorted(set(int(t) for t in keep) | set(caption_token_ids([])))
     old = list(range(config.vocab_size)) if config.vocabulary is None else list(config.vocabulary)
     rows = {t: r for r, t in enumerate(old)}
@@ -375,7 +375,11 @@ def prune_vocabulary(config: TextConfig, state: dict[str, torch.Tensor], keep: l
         raise KeyError(f"prune_vocabulary: no {name!r} in the state")
     new_state = dict(state)
     new_state[name] = state[name][torch.tensor([rows[t] for t in keep])].clone()
-    new_config = config.model_copy(update={"vocabulary": keep, "vocab_size": len(keep)})
+    update: dict[str, Any] = {"vocabulary": keep, "vocab_size": len(keep)}
+    if config.pretrained is not None:
+        # the tower now lives in ``state``: forget its source file, keep how it attends and whether it trains
+        update.update(pretrained=None, allow_pickle=False, causal=config.is_causal, trainable=config.trainable)
+    new_config = config.model_copy(update=update)
     return TextConfig.model_validate(new_config.model_dump()), new_state
 
 
