@@ -615,6 +615,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.api import load, model_kind
     from ldmkit.data.preview import image_rows
     from ldmkit.models.ldm import tensor_to_images
+    from ldmkit.types import ConditionInputError
 
     _check_sample_args(args)
     if model_kind(args.model) != "latent_diffusion":
@@ -642,11 +643,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         values[flag] = {k: v if k in text_fields and not v.startswith("@") else _parse_value(v, f"{flag} {k}")
                         for k, v in raw[flag].items()}
         recorded[flag] = {k: raw[flag][k] if raw[flag][k].startswith("@") else v for k, v in values[flag].items()}
-        batch = model.check_conditions({k: [v] for k, v in values[flag].items()})
-        with model.stack.at_latent_size(height // f, width // f):
-            for key, column in batch.items():  # validate the values before any sampling, at the asked size
-                for name in model.stack.accepted_keys()[key]:
-                    model.stack.conditioners[name].prepare(column)
+        try:
+            batch = model.check_conditions({k: [v] for k, v in values[flag].items()})
+            with model.stack.at_latent_size(height // f, width // f):
+                for key, column in batch.items():  # validate the values before any sampling, at the asked size
+                    for name in model.stack.accepted_keys()[key]:
+                        model.stack.conditioners[name].prepare(column)
+        except ConditionInputError as exc:  # one value for every image: "(sample 0)" would point nowhere
+            given = raw[flag].get(exc.field)
+            shown = given if given is None or len(given) <= 40 else given[:37] + "..."
+            source = f"{flag} {exc.field}={shown}" if given is not None else flag
+            raise ConditionInputError(exc.field, exc.problem, exc.allowed, source=source) from None
     guidance = _parse_guidance(args.guidance)
     if guidance is None:  # the model's default, written out so that the JSON reproduces the image
         guidance = model.config.guidance

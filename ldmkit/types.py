@@ -123,13 +123,16 @@ class ConditionInputError(ValueError):
     #: Longest ``problem`` / ``allowed`` text kept: a 100,000-element value is not echoed whole.
     MAX_TEXT = 300
 
-    def __init__(self, field: str, problem: str, allowed: str | None = None, index: int | None = None):
+    def __init__(self, field: str, problem: str, allowed: str | None = None, index: int | None = None,
+                 source: str | None = None):
         problem, allowed = _clip(str(problem), self.MAX_TEXT), _clip(allowed, self.MAX_TEXT) if allowed else allowed
         self.field = field
         self.problem = problem
         self.allowed = allowed
         self.index = index
-        where = f"condition '{field}'" + (f" (sample {index})" if index is not None else "")
+        self.source = source  # where the value came from, when that says more than its index (a CLI flag)
+        place = source or (f"sample {index}" if index is not None else None)
+        where = f"condition '{field}'" + (f" ({place})" if place else "")
         message = f"{where}: {problem}"
         if allowed:
             message += f"; allowed: {allowed}"

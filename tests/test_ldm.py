@@ -223,6 +223,7 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     run = lambda *a: subprocess.run([sys.executable, "-m", "ldmkit.cli", "sample", str(path), *a], capture_output=True, text=True)
     bad = run("--cond", "label=99", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "label" in bad.stderr and "0..17" in bad.stderr and not (tmp_path / "b").exists()
+    assert "condition 'label' (--cond label=99)" in bad.stderr and "sample 0" not in bad.stderr  # the flag, not an index
     bad = run("--cond", "colour=red", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "accepts: label" in bad.stderr
     ok = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o"))
