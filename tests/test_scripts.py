@@ -1,0 +1,38 @@
+"""The measuring scripts the docs point at still run (on a tiny untrained model: mechanics, not quality)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ldmkit.config import LatentDiffusionConfig, load_config
+from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig
+from ldmkit.models.ldm import LatentDiffusion, save_ldm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_AE = dict(kind="kl", resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
+               z_channels=3, embed_dim=3, norm_groups=4)
+
+
+def test_guidance_tradeoff_scores_each_setting_against_its_own_condition(tmp_path):
+    cfg = load_config({
+        "image_size": 32, "latent_channels": 3, "downsample_factor": 4,
+        "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "num_heads": 2},
+        "conditioning": {"context_dim": 16, "conditioners": [
+            {"type": "text", "key": "caption", "context_length": 16, "width": 16, "layers": 1, "heads": 2},
+            {"type": "layout", "key": "boxes", "max_objects": 4, "dim": 16},
+        ]},
+    }, LatentDiffusionConfig)
+    model = save_ldm(LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))), tmp_path / "m.safetensors")
+    out = tmp_path / "t.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/guidance_tradeoff.py"), str(model), "--n", "2",
+                          "--scales", "text=2,layout=0", "text=0,layout=2", "--json", str(out), "--out",
+                          str(tmp_path / "t.png")], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scales"] for r in rows] == [{"text": 2.0, "layout": 0.0}, {"text": 0.0, "layout": 2.0}]
+    assert all(0 <= r["caption_acc"] <= 1 and 0 <= r["miou"] <= 1 for r in rows)
+    assert (tmp_path / "t.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/guidance_tradeoff.py"), str(model), "--scales", "text:2"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "NAME=SCALE" in bad.stderr
