@@ -61,7 +61,8 @@ def main() -> None:
     k = min(args.columns, args.n)
     hw = (model.config.image_size, model.config.image_size)
     rows.append(np.stack([condition_panel(s.boxes, "boxes", hw) for s in boxed[:k]]))
-    labels.append("boxes asked; captions: " + " | ".join(s.caption for s in captioned[:k]))
+    labels.append("layout asked (drawn)")
+    print("captions asked, by column: " + " | ".join(s.caption for s in captioned[:k]), flush=True)
     for text in args.scales:
         scales = parse_scales(text)
         start = time.perf_counter()
