@@ -36,3 +36,27 @@ def test_guidance_tradeoff_scores_each_setting_against_its_own_condition(tmp_pat
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/guidance_tradeoff.py"), str(model), "--scales", "text:2"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "NAME=SCALE" in bad.stderr
+
+
+def test_text_tower_hard_negatives_change_exactly_what_they_say():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from pretrain_text_tower import KINDS, hard_negative
+    finally:
+        sys.path.pop(0)
+    import numpy as np
+
+    from ldmkit.data.shapes import parse_caption
+
+    rng = np.random.default_rng(0)
+    two = "a small red circle above a blue square"
+    assert hard_negative(two, rng, "swap_colours")[0] == "a small blue circle above a red square"
+    assert hard_negative(two, rng, "swap_shapes")[0] == "a small red square above a blue circle"
+    assert hard_negative(two, rng, "reverse_relation")[0] == "a small red circle below a blue square"
+    assert hard_negative(two, rng, "size")[0] == "a large red circle above a blue square"
+    # a kind that cannot apply falls back to one that can; the negative always parses and differs
+    assert hard_negative("a green triangle", rng, "swap_colours")[1] in ("colour", "shape")
+    for caption in (two, "a green triangle", "a large cyan circle left of a large cyan square"):
+        for kind in KINDS:
+            neg, used = hard_negative(caption, rng, kind)
+            assert neg != caption and parse_caption(neg)
