@@ -165,11 +165,13 @@ def _gallery_add(args: argparse.Namespace, image: Path, title: str, caption: str
     from ldmkit.zoo import card
 
     info = card(zoo_name) if zoo_name else {}
-    ev = info.get("eval", {})
-    metrics = {k: v for k, v in ev.get("metrics", {}).items() if isinstance(v, (int, float))}
-    note = f"ldmkit eval, suite {ev.get('suite')}, n = {ev.get('n')}" if metrics else ""
+    evals = info.get("evals") or [info.get("eval", {})]  # a composed model has one per suite
+    metrics = {(f"{ev.get('suite')}: {k}" if len(evals) > 1 else k): v for ev in evals
+               for k, v in ev.get("metrics", {}).items() if isinstance(v, (int, float))}
+    suites = ", ".join(str(ev.get("suite")) for ev in evals)
+    note = f"ldmkit eval, suite{'s' if len(evals) > 1 else ''} {suites}, n = {evals[0].get('n')}" if metrics else ""
     cmds = list(commands or [])
-    cmds += [c for c in (info.get("eval_command"), info.get("train_command")) if c]
+    cmds += [c for c in (*(info.get("eval_commands") or [info.get("eval_command")]), info.get("train_command")) if c]
     if hasattr(args, "gallery"):
         args.gallery.append(GalleryEntry(title, image.name, caption, info.get("description", ""), metrics, note, cmds))
 
@@ -455,11 +457,11 @@ def _model_generator(args: argparse.Namespace):
     model = load(args.model)
     if kind == "autoencoder":
         return recon_generator(model)
-    from ldmkit.evaluate import SUITE_KEYS
+    from ldmkit.evaluate import suite_keys
 
-    keys = args.keys
-    if keys is None and SUITE_KEYS.get(args.suite) is not None:  # a composed model gets the suite's condition only
-        keys = [k for k in SUITE_KEYS[args.suite] if k in model.stack.accepted_keys()]
+    keys = args.keys  # else a composed model gets the suite's condition only
+    if keys is None:
+        keys = suite_keys(args.suite, model.stack.accepted_keys())
     return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
                                seed=args.seed, unconditional=args.suite == "shapes-uncond",
                                options=_sampling_options(args),
@@ -708,12 +710,13 @@ def cmd_zoo(args: argparse.Namespace) -> int:
                  f"{c['train_minutes']} min on a CPU" if c.get("train_minutes") else None]
         print(f"zoo:{name}  ({', '.join(f for f in facts if f)})")
         print(f"  {c.get('description', '')}")
-        result = c.get("eval") or {}
-        if result.get("metrics"):
-            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
-            print(f"  {result.get('suite', 'eval')} (n={result.get('n')}): {shown}")
-        if c.get("eval_command"):
-            print(f"  reproduce: {c['eval_command']}")
+        for result in c.get("evals") or [c.get("eval") or {}]:  # a composed model has one per suite
+            if result.get("metrics"):
+                shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
+                print(f"  {result.get('suite', 'eval')} (n={result.get('n')}): {shown}")
+        for command in c.get("eval_commands") or [c.get("eval_command")]:
+            if command:
+                print(f"  reproduce: {command}")
     return 0
 
 

@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -38,7 +38,7 @@ from ldmkit.data.shapes import ShapesWorld, area_downsample
 from ldmkit.metrics import image as im
 from ldmkit.metrics import shapes as sh
 
-__all__ = ["SUITES", "SUITE_KEYS", "MODES", "run_suite", "suite_conditions", "suite_size", "derangement", "fd_reference_features",
+__all__ = ["SUITES", "SUITE_KEYS", "suite_keys", "MODES", "run_suite", "suite_conditions", "suite_size", "derangement", "fd_reference_features",
            "main"]
 
 SUITES = ("shapes-class", "shapes-caption", "shapes-layout", "shapes-semantic", "shapes-sr", "shapes-inpaint",
@@ -52,6 +52,14 @@ SUITE_KEYS: dict[str, tuple[str, ...] | None] = {
     "shapes-semantic": ("segmentation",), "shapes-sr": ("lowres",), "shapes-inpaint": None, "shapes-uncond": (),
     "emoji-text": ("caption",),
 }
+
+
+def suite_keys(suite: str, accepted: Iterable[str]) -> list[str] | None:
+    """The condition keys a model reading ``accepted`` is given on ``suite`` (None: every key it reads)."""
+    wanted = SUITE_KEYS.get(suite)
+    return None if wanted is None else [k for k in wanted if k in set(accepted)]
+
+
 Mode = Literal["reference", "shuffled", "model"]
 Generate = Callable[[list[Sample]], list[np.ndarray]]
 #: The fd reference set: eval-split scenes [FD_REFERENCE_START, FD_REFERENCE_START + FD_REFERENCE_N),

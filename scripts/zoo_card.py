@@ -1,11 +1,13 @@
 """Add a trained model to the zoo: copy its weights and recipe, run its eval, write its card.
 
-Usage: python scripts/zoo_card.py NAME RUN_DIR RECIPE.yaml --suite SUITE [--n N] --description "..."
-       [--eval-args "--sampler ddim --steps 50"]
+Usage: python scripts/zoo_card.py NAME RUN_DIR RECIPE.yaml --suite SUITE [--suite SUITE2 ...] [--n N]
+       --description "..." [--eval-args "--sampler ddim --steps 50"]
 
 The card (ldmkit/zoo/NAME.json) records the training command, steps, wall-clock minutes (from the
 run's log), parameter count, file size, the machine, and the `ldmkit eval ... --json` result, which is
-re-run here against the copied zoo file so the card describes exactly what ships.
+re-run here against the copied zoo file so the card describes exactly what ships. A model evaluated on
+several suites (a composed one) gets the first as ``eval``/``eval_command`` and all of them under
+``evals``/``eval_commands``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("run_dir", type=Path)
     p.add_argument("recipe", type=Path)
-    p.add_argument("--suite", required=True)
+    p.add_argument("--suite", required=True, action="append", help="repeat for a model with several (first = main)")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--description", required=True)
     p.add_argument("--eval-args", default="")
@@ -62,9 +64,12 @@ def main() -> None:
     shutil.copyfile(weights, dst)
     os.chmod(dst, 0o644)
     shutil.copyfile(args.recipe, ZOO / f"{args.name}.yaml")
-    cmd = ["ldmkit", "eval", f"zoo:{args.name}", "--suite", args.suite, "--n", str(args.n), *shlex.split(args.eval_args), "--json"]
-    res = subprocess.run([sys.executable, "-m", "ldmkit.cli", *cmd[1:]], capture_output=True, text=True, check=True)
-    result = json.loads(res.stdout.strip().splitlines()[-1])
+    cmds, results = [], []
+    for suite in args.suite:
+        cmd = ["ldmkit", "eval", f"zoo:{args.name}", "--suite", suite, "--n", str(args.n), *shlex.split(args.eval_args), "--json"]
+        res = subprocess.run([sys.executable, "-m", "ldmkit.cli", *cmd[1:]], capture_output=True, text=True, check=True)
+        cmds.append(" ".join(cmd))
+        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
     card = {
         "name": args.name,
         "description": args.description,
@@ -75,8 +80,9 @@ def main() -> None:
         "parameters": start.get("params") or start.get("parameters"),
         "file_mb": round(dst.stat().st_size / 2**20, 2),
         "trained_on": f"{platform.machine()} CPU, 2 cores shared with other work (times are upper bounds)",
-        "eval_command": " ".join(cmd),
-        "eval": result,
+        "eval_command": cmds[0],
+        "eval": results[0],
+        **({"eval_commands": cmds, "evals": results} if len(results) > 1 else {}),
     }
     (ZOO / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps(card, indent=2))
