@@ -238,14 +238,14 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         model = load(f"zoo:{name}")
         keys = model.stack.accepted_keys()
         start = time.perf_counter()
-        if "label" in keys:  # class-conditional: one row per class, at the model's default guidance
+        if set(keys) == {"label"}:  # class-conditional: one row per class, at the model's default guidance
             per_class = 4
             labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
             images = tensor_to_images(model.sample({"label": labels}, sampler="ddim", steps=50, seed=0))
             rows = [images[c * per_class:(c + 1) * per_class] for c in range(NUM_CLASSES)]
             row_labels = [f"{c:2d} {' '.join(reversed(class_name(c)))}" for c in range(NUM_CLASSES)]
             what = f"label=0..{NUM_CLASSES - 1}, guidance {model.config.guidance}"
-        elif keys:  # any other conditions: held-out scenes' conditions, the input drawn beside its samples
+        elif keys:  # other (or several) conditions: held-out scenes' conditions, the inputs drawn beside the samples
             rows, row_labels, what = _inputs_beside_samples(model, sorted(keys), per_scene=4, data=_recipe_data(name))
             images = np.concatenate([r[-4:] for r in rows])  # the samples (each row starts with its inputs)
         else:
@@ -253,8 +253,9 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
             rows, row_labels, what = [images[:16], images[16:]], None, "unconditional"
         path = Path(args.out) / f"samples-{name}.png"
         image_rows(rows, row_labels, scale=3).save(path)
-        metrics = card(name).get("eval", {}).get("metrics", {})
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+        info = card(name)
+        evals = info.get("evals") or [info.get("eval", {})]  # a composed model has one per suite
+        shown = ", ".join(f"{k} {v:.3f}" for ev in evals for k, v in ev.get("metrics", {}).items() if isinstance(v, float))
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
         _gallery_add(args, path, f"zoo:{name}", f"{what} (DDIM 50 steps, the model's default guidance, seed 0)", name)
