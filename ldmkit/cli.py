@@ -255,7 +255,9 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
         image_rows(rows, row_labels, scale=3).save(path)
         info = card(name)
         evals = info.get("evals") or [info.get("eval", {})]  # a composed model has one per suite
-        shown = ", ".join(f"{k} {v:.3f}" for ev in evals for k, v in ev.get("metrics", {}).items() if isinstance(v, float))
+        shown = "; ".join((f"{ev.get('suite')}: " if len(evals) > 1 else "")
+                          + ", ".join(f"{k} {v:.3f}" for k, v in ev.get("metrics", {}).items() if isinstance(v, float))
+                          for ev in evals)
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
         _gallery_add(args, path, f"zoo:{name}", f"{what} (DDIM 50 steps, the model's default guidance, seed 0)", name)
