@@ -162,16 +162,16 @@ def _gallery_add(args: argparse.Namespace, image: Path, title: str, caption: str
                  commands: list[str] | None = None) -> None:
     """Record a picture the quickstart wrote, with its zoo card's numbers and commands when it has one."""
     from ldmkit.gallery import GalleryEntry
-    from ldmkit.zoo import card
+    from ldmkit.zoo import card, card_evals
 
     info = card(zoo_name) if zoo_name else {}
-    evals = info.get("evals") or [info.get("eval", {})]  # a composed model has one per suite
-    metrics = {(f"{ev.get('suite')}: {k}" if len(evals) > 1 else k): v for ev in evals
+    evals = card_evals(info)  # a composed model has one per suite
+    metrics = {(f"{ev.get('suite')}: {k}" if len(evals) > 1 else k): v for _, ev in evals
                for k, v in ev.get("metrics", {}).items() if isinstance(v, (int, float))}
-    suites = ", ".join(str(ev.get("suite")) for ev in evals)
-    note = f"ldmkit eval, suite{'s' if len(evals) > 1 else ''} {suites}, n = {evals[0].get('n')}" if metrics else ""
+    suites = ", ".join(str(ev.get("suite")) for _, ev in evals)
+    note = f"ldmkit eval, suite{'s' if len(evals) > 1 else ''} {suites}, n = {evals[0][1].get('n')}" if metrics else ""
     cmds = list(commands or [])
-    cmds += [c for c in (*(info.get("eval_commands") or [info.get("eval_command")]), info.get("train_command")) if c]
+    cmds += [c for c in (*(command for command, _ in evals), info.get("train_command")) if c]
     if hasattr(args, "gallery"):
         args.gallery.append(GalleryEntry(title, image.name, caption, info.get("description", ""), metrics, note, cmds))
 
@@ -232,7 +232,7 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
     from ldmkit.data.preview import image_rows
     from ldmkit.data.shapes import NUM_CLASSES, class_name
     from ldmkit.models.ldm import tensor_to_images
-    from ldmkit.zoo import card
+    from ldmkit.zoo import card, card_evals
 
     for name in _zoo_names("latent_diffusion", "latent diffusion: samples from the zoo (DDIM, 50 steps)"):
         model = load(f"zoo:{name}")
@@ -253,11 +253,10 @@ def _quickstart_diffusion(args: argparse.Namespace) -> None:
             rows, row_labels, what = [images[:16], images[16:]], None, "unconditional"
         path = Path(args.out) / f"samples-{name}.png"
         image_rows(rows, row_labels, scale=3).save(path)
-        info = card(name)
-        evals = info.get("evals") or [info.get("eval", {})]  # a composed model has one per suite
+        evals = card_evals(card(name))  # a composed model has one per suite
         shown = "; ".join((f"{ev.get('suite')}: " if len(evals) > 1 else "")
                           + ", ".join(f"{k} {v:.3f}" for k, v in ev.get("metrics", {}).items() if isinstance(v, float))
-                          for ev in evals)
+                          for _, ev in evals)
         print(f"zoo:{name:<16} {what}: {len(images)} images in {time.perf_counter() - start:.1f} s -> {path}"
               + (f"\n{'':21}its card's eval: {shown}" if shown else ""))
         _gallery_add(args, path, f"zoo:{name}", f"{what} (DDIM 50 steps, the model's default guidance, seed 0)", name)
@@ -697,7 +696,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # -- zoo --------------------------------------------------------------------------------------
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from ldmkit.zoo import card, list_zoo
+    from ldmkit.zoo import card, card_evals, list_zoo
 
     names = list_zoo()
     if args.json:
@@ -713,11 +712,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
                  f"{c['train_minutes']} min on a CPU" if c.get("train_minutes") else None]
         print(f"zoo:{name}  ({', '.join(f for f in facts if f)})")
         print(f"  {c.get('description', '')}")
-        for result in c.get("evals") or [c.get("eval") or {}]:  # a composed model has one per suite
+        evals = card_evals(c)  # a composed model has one per suite
+        for _, result in evals:
             if result.get("metrics"):
                 shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
                 print(f"  {result.get('suite', 'eval')} (n={result.get('n')}): {shown}")
-        for command in c.get("eval_commands") or [c.get("eval_command")]:
+        for command, _ in evals:
             if command:
                 print(f"  reproduce: {command}")
     return 0

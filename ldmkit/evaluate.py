@@ -56,8 +56,8 @@ SUITE_KEYS: dict[str, tuple[str, ...] | None] = {
 
 def suite_keys(suite: str, accepted: Iterable[str]) -> list[str] | None:
     """The condition keys a model reading ``accepted`` is given on ``suite`` (None: every key it reads)."""
-    wanted = SUITE_KEYS.get(suite)
-    return None if wanted is None else [k for k in wanted if k in set(accepted)]
+    wanted, reads = SUITE_KEYS.get(suite), set(accepted)
+    return None if wanted is None else [k for k in wanted if k in reads]
 
 
 Mode = Literal["reference", "shuffled", "model"]

@@ -32,7 +32,6 @@ from torch import nn
 from ldmkit.config import LatentDiffusionConfig, load_config
 from ldmkit.models.ldm import LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
 from ldmkit.train.autoencoder import batch_indices
-from ldmkit.train.schedule import LRSchedule, lr_at, same_past_rates
 from ldmkit.train.checkpoint import (
     CheckpointError,
     flatten_optimizer_state,
@@ -46,6 +45,7 @@ from ldmkit.train.checkpoint import (
     truncate_log,
     unflatten_optimizer_state,
 )
+from ldmkit.train.schedule import LRSchedule, lr_at, same_past_rates
 
 __all__ = ["DiffusionDataConfig", "DiffusionTrainConfig", "train_diffusion", "export_model", "TRAIN_CHECKPOINT_KIND",
            "load_first_stage"]

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ZOO_DIR", "ZooError", "list_zoo", "resolve", "card"]
+__all__ = ["ZOO_DIR", "ZooError", "list_zoo", "resolve", "card", "card_evals"]
 
 ZOO_DIR = Path(__file__).resolve().parent
 PREFIX = "zoo:"
@@ -36,6 +36,14 @@ def card(name: str) -> dict[str, Any]:
     """The card (``NAME.json``) of a zoo entry; empty if it has none."""
     path = ZOO_DIR / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def card_evals(info: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """A card's ``(eval command, eval result)`` pairs: one per suite for a composed model (``evals``),
+    else the single ``eval``; empty when the card has no eval."""
+    if info.get("evals"):
+        return list(zip(info.get("eval_commands") or [None] * len(info["evals"]), info["evals"]))
+    return [(info.get("eval_command"), info["eval"])] if info.get("eval") else []
 
 
 def resolve(ref: str | Path) -> Path:
