@@ -97,6 +97,11 @@ class UNetConfig(BaseModel):
     num_heads: int = Field(default=4, ge=1)
     transformer_depth: int = Field(default=1, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    position_embedding: Literal["none", "sincos"] = Field(
+        default="none",
+        description="sincos: a fixed 2-D sine-cosine code of each token's normalized position is added to the "
+                    "SpatialTransformer's tokens, so attention can use where a token is (spatial relations, boxes); "
+                    "no parameters. none: position only through the convolutions (CompVis' UNet)")
 
     @model_validator(mode="after")
     def _levels(self) -> "UNetConfig":

@@ -91,3 +91,52 @@ def test_gradients_reach_the_stack():
     loss.backward()
     assert stack.conditioners["words"].emb.weight.grad is not None
     assert stack.vector_proj["level"].weight.grad.abs().sum() > 0
+
+
+def test_position_code_is_a_function_of_the_normalized_position():
+    from ldmkit.models.attention import position_code
+
+    code = position_code(8, 8, 64)
+    assert code.shape == (64, 64) and code.abs().max() <= 1
+    assert torch.cdist(code, code).add(torch.eye(64) * 1e3).min() > 0.1  # every cell has its own code
+    # the same point of the image gets the same code at any grid size: the centre of 1x1 and of 3x3
+    assert torch.allclose(position_code(1, 1, 32)[0], position_code(3, 3, 32)[4], atol=1e-6)
+    # the lowest-frequency x sine (1/4 cycle per image) is monotone in x and constant in y: "left of" is a comparison
+    grid = position_code(4, 4, 32)[:, 0].view(4, 4)
+    assert (grid.diff(dim=1) > 0).all() and torch.allclose(grid, grid[:1].expand(4, 4))
+    assert position_code(2, 2, 6)[:, 4:].abs().max() == 0  # channels beyond 4 * (dim // 4) are zero
+
+
+def test_position_embedding_tells_attention_where_a_token_is():
+    from ldmkit.models.attention import SpatialTransformer
+
+    outs = {}
+    for kind in ("none", "sincos"):
+        torch.manual_seed(0)
+        st = SpatialTransformer(16, 2, None, position_embedding=kind)
+        with torch.no_grad():
+            for p in st.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        flat = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4)  # the same feature at every position
+        outs[kind] = st.eval()(flat)
+    spread = {k: (v - v.mean(dim=(2, 3), keepdim=True)).abs().max().item() for k, v in outs.items()}
+    assert spread["none"] < 1e-5  # without it, attention cannot tell positions apart
+    assert spread["sincos"] > 1e-2
+
+
+def test_position_embedding_adds_no_weights_and_trains_after_sampling():
+    cfg = SMALL.model_copy(update={"position_embedding": "sincos"})
+    plain, coded = UNet(SMALL, latent_channels=4), UNet(cfg, latent_channels=4)
+    assert plain.state_dict().keys() == coded.state_dict().keys()  # checkpoints load either way
+    coded.load_state_dict(randomize(plain).state_dict())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 500])
+    with torch.inference_mode():  # the cached code is made here ...
+        differ = (coded(x, t) - plain(x, t)).abs().max()
+    assert differ > 1e-4
+    coded(x, t).pow(2).mean().backward()  # ... and is usable by autograd afterwards
+    assert coded.down[1][0].attn.proj_in.weight.grad is not None
+
+
+def test_position_embedding_value_is_validated():
+    with pytest.raises(ValueError, match="position_embedding"):
+        UNetConfig(position_embedding="learned")

@@ -8,12 +8,14 @@ blocks — self-attention, cross-attention to the conditioning context, a GEGLU 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm"]
+__all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm", "position_code"]
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
@@ -24,6 +26,27 @@ def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
     """
     groups = max((g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2), default=1)
     return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def position_code(h: int, w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """A fixed 2-D sine-cosine code of the token grid, ``(h * w, dim)`` in ``h w`` (row-major) order.
+
+    Coordinates are cell centres normalized to 0..1, so a grid sampled at another resolution gets the same
+    code at the same place in the image. Half the channels code x, half y; each half is sines and cosines
+    at ``dim // 4`` frequencies geometrically spaced from 1/4 cycle per image (monotone across the image:
+    "left of" is a comparison) to 8 cycles (cell-level detail up to 16 x 16 grids). Channels beyond
+    ``4 * (dim // 4)`` are zero.
+    """
+    quarter = dim // 4
+    if quarter == 0:
+        return torch.zeros(h * w, dim, device=device)
+    freqs = torch.logspace(math.log10(0.25), math.log10(8.0), quarter, device=device) * (2 * math.pi)
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    ax, ay = gx.reshape(-1, 1) * freqs, gy.reshape(-1, 1) * freqs
+    code = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
+    return F.pad(code, (0, dim - code.shape[1]))
 
 
 class Attention(nn.Module):
@@ -94,10 +117,18 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """(B, C, H, W) → tokens → ``depth`` transformer blocks → (B, C, H, W), residual, zero-initialized out."""
+    """(B, C, H, W) → tokens → ``depth`` transformer blocks → (B, C, H, W), residual, zero-initialized out.
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None, depth: int = 1, dropout: float = 0.0):
+    With ``position_embedding="sincos"`` the tokens get :func:`position_code` added after ``proj_in``.
+    """
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None, depth: int = 1, dropout: float = 0.0,
+                 position_embedding: str = "none"):
         super().__init__()
+        if position_embedding not in ("none", "sincos"):
+            raise ValueError(f"position_embedding must be 'none' or 'sincos', got {position_embedding!r}")
+        self.position_embedding = position_embedding
+        self._codes: dict[tuple, torch.Tensor] = {}
         self.norm = group_norm(channels)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, dropout) for _ in range(depth))
@@ -108,6 +139,17 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         _, _, h, w = x.shape
         tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        if self.position_embedding == "sincos":
+            tokens = tokens + self._code(h, w, tokens)
         for block in self.blocks:
             tokens = block(tokens, context, mask)
         return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
+
+    def _code(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """The position code for an ``h x w`` grid, cached per grid, device and dtype (not a buffer: the
+        state dict, and so every checkpoint, is the same with and without it)."""
+        key = (h, w, like.device, like.dtype)
+        if key not in self._codes:
+            with torch.inference_mode(False):  # a normal tensor, usable by training after sampling
+                self._codes[key] = position_code(h, w, like.shape[-1], like.device).to(like.dtype)
+        return self._codes[key]

@@ -86,7 +86,8 @@ class UNet(nn.Module):
         def attn(ch: int, level: int) -> SpatialTransformer | None:
             if level not in config.attention_levels:
                 return None
-            return SpatialTransformer(ch, config.num_heads, ctx, config.transformer_depth, config.dropout)
+            return SpatialTransformer(ch, config.num_heads, ctx, config.transformer_depth, config.dropout,
+                                      config.position_embedding)
 
         self.conv_in = nn.Conv2d(self.in_channels, mc, 3, padding=1)
         self.down = nn.ModuleList()
@@ -105,7 +106,8 @@ class UNet(nn.Module):
                 skips.append(ch)
         deepest = len(mult) - 1
         self.mid = nn.ModuleList([
-            Block(ResBlock(ch, ch, emb_dim, config.dropout), SpatialTransformer(ch, config.num_heads, ctx, config.transformer_depth, config.dropout)),
+            Block(ResBlock(ch, ch, emb_dim, config.dropout), SpatialTransformer(ch, config.num_heads, ctx, config.transformer_depth, config.dropout,
+                                      config.position_embedding)),
             Block(ResBlock(ch, ch, emb_dim, config.dropout), None),
         ])
         self.up = nn.ModuleList()
