@@ -4,7 +4,10 @@ Both models get the same block structure (channel widths, res blocks per level, 
 heads, GEGLU transformer blocks with linear projections); their parameter counts are printed and must
 agree within 2 %. Timings are medians of paired, interleaved runs (ldmkit, diffusers, ldmkit, ...):
 
-- train step: forward + backward + AdamW step on a batch;
+- train step: forward + backward + AdamW step on a batch, each library with the AdamW its own trainer
+  builds: ldmkit's ``fused_optimizer`` default (fused), diffusers' example trainers' plain
+  ``torch.optim.AdamW`` (examples/text_to_image/train_text_to_image.py); also reported with the same
+  per-parameter AdamW on both sides (``train_step_ratio_same_optimizer``: the UNets alone);
 - sample step: one forward under ``torch.inference_mode`` on a doubled batch (classifier-free
   guidance evaluated as one batched call).
 
@@ -122,17 +125,23 @@ def main() -> None:
         raise SystemExit("parameter counts differ by more than 2%: the configurations do not match")
     x, t, ctx = inputs(args.batch, args.latent, args.device)
     x2, t2, ctx2 = (torch.cat([a, a]) for a in (x, t, ctx))
-    opts = {w: torch.optim.AdamW(m.parameters(), lr=1e-4) for w, (m, _) in models.items()}
+    from ldmkit.train.diffusion import DiffusionTrainConfig
 
-    def train_step(w: str) -> float:
+    fused = DiffusionTrainConfig.model_fields["fused_optimizer"].default
+    opts = {"ldmkit": torch.optim.AdamW(models["ldmkit"][0].parameters(), lr=1e-4, fused=fused or None),
+            "diffusers": torch.optim.AdamW(models["diffusers"][0].parameters(), lr=1e-4)}
+    plain = torch.optim.AdamW(models["ldmkit"][0].parameters(), lr=1e-4)  # the same optimizer as diffusers'
+
+    def train_step(w: str, opt: torch.optim.Optimizer | None = None) -> float:
         model, call = models[w]
+        opt = opt or opts[w]
         model.train()
         sync(args.device)
         t0 = time.perf_counter()
         loss = call(x, t, ctx).pow(2).mean()
-        opts[w].zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opts[w].step()
+        opt.step()
         sync(args.device)
         return time.perf_counter() - t0
 
@@ -146,18 +155,21 @@ def main() -> None:
         sync(args.device)
         return time.perf_counter() - t0
 
-    times: dict[str, dict[str, list[float]]] = {k: {"ldmkit": [], "diffusers": []} for k in ("train", "sample")}
-    for kind, fn in (("train", train_step), ("sample", sample_step)):
-        for w in models:  # warm-up
-            fn(w)
-            fn(w)
+    runs = {"train": {"ldmkit": lambda: train_step("ldmkit"), "ldmkit_plain_adamw": lambda: train_step("ldmkit", plain),
+                      "diffusers": lambda: train_step("diffusers")},
+            "sample": {"ldmkit": lambda: sample_step("ldmkit"), "diffusers": lambda: sample_step("diffusers")}}
+    times: dict[str, dict[str, list[float]]] = {k: {w: [] for w in fns} for k, fns in runs.items()}
+    for kind, fns in runs.items():
+        for fn in fns.values():  # warm-up
+            fn()
+            fn()
         for r in range(args.repeats):
-            order = ("ldmkit", "diffusers") if r % 2 == 0 else ("diffusers", "ldmkit")
+            order = list(fns) if r % 2 == 0 else list(reversed(fns))
             for w in order:
-                times[kind][w].append(fn(w))
+                times[kind][w].append(fns[w]())
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
     for k in med:
-        print(f"{k:<6} step: ldmkit {med[k]['ldmkit'] * 1000:.1f} ms  diffusers {med[k]['diffusers'] * 1000:.1f} ms")
+        print(f"{k:<6} step: " + "  ".join(f"{w} {v * 1000:.1f} ms" for w, v in med[k].items()))
 
     memory = {}
     if args.device == "cuda":
@@ -184,7 +196,9 @@ def main() -> None:
         "parameters": params,
         "train_step_ms": {w: round(v * 1000, 2) for w, v in med["train"].items()},
         "sample_step_ms": {w: round(v * 1000, 2) for w, v in med["sample"].items()},
+        "ldmkit_fused_optimizer": fused,
         "train_step_ratio": round(med["train"]["diffusers"] / med["train"]["ldmkit"], 3),
+        "train_step_ratio_same_optimizer": round(med["train"]["diffusers"] / med["train"]["ldmkit_plain_adamw"], 3),
         "sample_step_ratio": round(med["sample"]["diffusers"] / med["sample"]["ldmkit"], 3),
         "peak_memory_mib": memory,
     }))
