@@ -1,7 +1,7 @@
 """The paper's central claim, measured: the same UNet in pixel space versus on f=4 latents.
 
 Usage: python benchmarks/latent_vs_pixel.py [--budget 40] [--batch 64] [--batches 16 32] [--quality-batch 32]
-       [--sample-batch 64] [--n 64] [--steps 20] [--autoencoder zoo:shapes-kl-f4]
+       [--sample-batch 64] [--n 64] [--steps 20] [--autoencoder zoo:shapes-kl-f4] [--no-fused]
 
 Both models are unconditional LatentDiffusion models with the same UNet configuration on 32x32
 shapes-world images: one on the 32x32x3 pixels (no autoencoder, f = 1), one on the 8x8x3 latents of
@@ -65,7 +65,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64, help="samples scored per model")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--autoencoder", default="zoo:shapes-kl-f4")
-    p.add_argument("--fused", action="store_true", help="AdamW(fused=True) on both sides (the recipes' fused_optimizer)")
+    from ldmkit.train.diffusion import DiffusionTrainConfig
+
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                   default=DiffusionTrainConfig.model_fields["fused_optimizer"].default,
+                   help="AdamW(fused=True) on both sides (default: the trainer's fused_optimizer default); --no-fused: "
+                        "torch's per-parameter AdamW")
     args = p.parse_args()
     from ldmkit.data.shapes import ShapesWorld
     from ldmkit.evaluate import run_suite
