@@ -41,6 +41,16 @@ def _train_minutes(log: list[dict], steps: int) -> float | None:
     return total / 60 if total else None
 
 
+def shipped_parameters(weights: Path, logged: int | None) -> int | None:
+    """Trainable parameters of the model as shipped: for a diffusion model counted on the file (a pruned text
+    vocabulary has fewer embedding rows than the run trained with), else what the training log says."""
+    from ldmkit.api import load, model_kind
+
+    if model_kind(str(weights)) != "latent_diffusion":
+        return logged
+    return sum(p.numel() for p in load(str(weights)).trainable_parameters())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("name")
@@ -77,7 +87,7 @@ def main() -> None:
         "train_command": f"ldmkit train ldmkit/zoo/{args.name}.yaml",
         "steps": steps,
         "train_minutes": None if minutes is None else round(minutes, 1),
-        "parameters": start.get("params") or start.get("parameters"),
+        "parameters": shipped_parameters(dst, start.get("params") or start.get("parameters")),
         "file_mb": round(dst.stat().st_size / 2**20, 2),
         "trained_on": f"{platform.machine()} CPU, 2 cores shared with other work (times are upper bounds)",
         "eval_command": cmds[0],
