@@ -45,6 +45,7 @@ _EXPORTS = {
     "describe_wiring": "ldmkit.wiring",
     # data: what a field's derive() receives, and the shapes world's vocabulary
     "Sample": "ldmkit.data.base",
+    "as_array": "ldmkit.fields",
     "Box": "ldmkit.data.base",
     "SHAPES": "ldmkit.data.shapes",
     "COLOURS": "ldmkit.data.shapes",

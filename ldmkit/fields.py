@@ -14,10 +14,30 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+import torch
+
 from ldmkit.data.base import CONDITION_KEYS, Sample
 from ldmkit.types import ConditionInputError
 
-__all__ = ["BUILTIN_FIELDS", "UnknownFieldError", "known_fields", "sample_value", "check_keys"]
+__all__ = ["BUILTIN_FIELDS", "UnknownFieldError", "known_fields", "sample_value", "check_keys", "as_array"]
+
+
+def as_array(value: Any) -> np.ndarray | None:
+    """A numpy view of an array-like field value (ndarray, tensor, PIL image, nested lists), or None if it is
+    not one (a string, a dict, ragged lists): conditioners that take arrays check the result and raise their
+    own :class:`~ldmkit.types.ConditionInputError` naming the field and the allowed forms."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)) or hasattr(value, "__array_interface__"):
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):  # ragged nested lists
+            return None
+        return None if arr.dtype == object else arr
+    return None
 
 #: The core's condition fields and what one sample's value is.
 BUILTIN_FIELDS: dict[str, str] = {

@@ -226,3 +226,17 @@ def test_a_manifest_names_the_clash_of_a_withheld_field(fresh_plugins, tmp_path)
     with pytest.raises(ManifestError, match=r"m.jsonl:1: tint: condition field 'tint' is provided by more than one "
                                             r"plugin: plugin 'alpha' \(not installed\) and plugin 'beta'"):
         ManifestDataset(tmp_path / "m.jsonl")
+
+
+def test_as_array_takes_every_array_form_and_refuses_the_rest():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldmkit import as_array
+
+    grid = [[0, 1], [2, 3]]
+    for value in (grid, np.array(grid), torch.tensor(grid), Image.fromarray(np.array(grid, np.uint8))):
+        assert as_array(value).tolist() == grid
+    for value in ("map.png", {"a": 1}, [[0, 1], [2]], 3, None):
+        assert as_array(value) is None

@@ -54,6 +54,7 @@ from ldmkit import (
     ConditionOutput,
     Route,
     Sample,
+    as_array,
     hookimpl,
 )
 
@@ -117,19 +118,6 @@ class InpaintConfig(ConditionerConfig):
     key: str = "inpaint"
 
 
-def _to_array(value: Any) -> np.ndarray | None:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)) or hasattr(value, "__array_interface__"):
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError):
-            return None
-        return None if arr.dtype == object else arr
-    return None
-
 
 def _read_file(path: str, what: str, key: str, index: int | None, allowed: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
@@ -156,7 +144,7 @@ def parse_value(value: Any, key: str, index: int | None, size: tuple[int, int] |
     parts = {}
     for what in ("image", "mask"):
         raw = value[what]
-        arr = _read_file(raw, what, key, index, allowed) if isinstance(raw, str) else _to_array(raw)
+        arr = _read_file(raw, what, key, index, allowed) if isinstance(raw, str) else as_array(raw)
         if arr is None:
             kind = "ragged or mixed nested lists" if isinstance(raw, (list, tuple)) else type(raw).__name__
             raise ConditionInputError(key, f"{what}: expected an array, got {kind}", allowed, index)

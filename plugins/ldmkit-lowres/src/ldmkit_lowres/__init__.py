@@ -56,6 +56,7 @@ from ldmkit import (
     ConditionInputError,
     ConditionOutput,
     Route,
+    as_array,
     hookimpl,
 )
 
@@ -99,19 +100,6 @@ class NoiseLevelConfig(_NoiseLevels):
 
 
 # -- input ---------------------------------------------------------------------------------------
-def _to_array(value: Any) -> np.ndarray | None:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)) or hasattr(value, "__array_interface__"):
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError):
-            return None
-        return None if arr.dtype == object else arr
-    return None
-
 
 def _allowed(levels: _NoiseLevels, size: tuple[int, int] | None) -> str:
     shape = f"{size[0]} x {size[1]} x 3" if size else "h x w x 3"
@@ -140,7 +128,7 @@ def parse_value(value: Any, key: str, index: int | None, levels: _NoiseLevels,
                 raise ConditionInputError(key, f"noise_level {level} is outside [0, {levels.max_noise_level}]",
                                           allowed, index)
         value = value["image"]
-    arr = _to_array(value)
+    arr = as_array(value)
     if arr is None:
         what = "ragged or mixed nested lists" if isinstance(value, (list, tuple)) else type(value).__name__
         raise ConditionInputError(key, f"expected an RGB image array, got {what}", allowed, index)

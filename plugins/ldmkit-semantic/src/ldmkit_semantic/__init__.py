@@ -37,6 +37,7 @@ from ldmkit import (
     ConditionInputError,
     ConditionOutput,
     Route,
+    as_array,
     hookimpl,
 )
 
@@ -54,20 +55,6 @@ class SemanticConfig(ConditionerConfig):
     hidden_dim: int = Field(default=64, ge=1, description="width of the encoder's hidden layers")
 
 
-def _to_array(value: Any) -> np.ndarray | None:
-    """numpy view of an array-like (ndarray, tensor, PIL image, nested lists); None if it is not one."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)) or hasattr(value, "__array_interface__"):
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError):  # ragged nested lists
-            return None
-        return None if arr.dtype == object else arr
-    return None
-
 
 def as_class_map(value: Any, key: str, index: int | None, num_classes: int,
                  size: tuple[int, int] | None = None) -> np.ndarray:
@@ -75,7 +62,7 @@ def as_class_map(value: Any, key: str, index: int | None, num_classes: int,
     given), returned as int64; :class:`ConditionInputError` naming ``key`` otherwise."""
     shape_text = f"{size[0]} x {size[1]}" if size else "H x W"
     allowed = f"a map of class ids, {shape_text} integers in 0..{num_classes - 1} (array, nested lists or greyscale PNG)"
-    arr = _to_array(value)
+    arr = as_array(value)
     if arr is None:
         what = type(value).__name__
         if isinstance(value, (list, tuple)):
