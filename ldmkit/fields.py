@@ -39,6 +39,7 @@ def as_array(value: Any) -> np.ndarray | None:
         return None if arr.dtype == object else arr
     return None
 
+
 #: The core's condition fields and what one sample's value is.
 BUILTIN_FIELDS: dict[str, str] = {
     "label": "an integer class id",
