@@ -60,3 +60,25 @@ def test_text_tower_hard_negatives_change_exactly_what_they_say():
         for kind in KINDS:
             neg, used = hard_negative(caption, rng, kind)
             assert neg != caption and parse_caption(neg)
+
+
+def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from caption_breakdown import breakdown
+
+    from ldmkit.evaluate import derangement, suite_conditions
+
+    conds = suite_conditions("shapes-caption", 40)
+    truth = breakdown(conds, [c.image for c in conds], 40)
+    for c in truth.values():  # the parser's ceiling: every asked object found, every relation holds
+        assert c["one_object_drawn_at_size"] == c["one_object"] > 0
+        assert c["both_drawn"] == c["both_drawn_at_size"] == c["relation_holds_given_both"] == c["two_objects"] > 0
+    other = breakdown(conds, [conds[j].image for j in derangement(len(conds), 0)], 40)
+    assert sum(c.get("both_drawn", 0) for c in other.values()) < 0.3 * sum(c["two_objects"] for c in other.values())
+    out = tmp_path / "b.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/caption_breakdown.py"), "--reference", "--n", "4",
+                          "--json", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "relation holds" in res.stdout and json.loads(out.read_text())["counts"]["eval"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/caption_breakdown.py")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--reference" in bad.stderr
