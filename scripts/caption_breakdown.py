@@ -27,7 +27,7 @@ import numpy as np
 
 from ldmkit.data.base import Sample
 from ldmkit.evaluate import derangement, suite_conditions
-from ldmkit.metrics.shapes import _caption_request, _mentions_hold, parse_scene
+from ldmkit.metrics.shapes import _caption_request, _mention_matches, _mentions_hold, parse_scene
 
 
 def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval: int) -> dict[str, dict[str, int]]:
@@ -39,8 +39,7 @@ def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval
         objs = parse_scene(img)
 
         def drawn(m: dict[str, Any], sized: bool) -> bool:
-            return any(o.colour == m["colour"] and o.shape == m["shape"]
-                       and (not sized or m.get("size") is None or o.size == m["size"]) for o in objs)
+            return bool(_mention_matches(m, objs, sized))
 
         if len(want) == 1:
             c["one_object"] += 1

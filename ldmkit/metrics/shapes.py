@@ -436,14 +436,20 @@ def class_acc(conditions: Sequence[Sample], images: Sequence[np.ndarray]) -> flo
     return hits / len(conditions)
 
 
+def _mention_matches(m: dict[str, Any], objs: list[ParsedObject], sized: bool = True) -> list[ParsedObject]:
+    """The parsed objects that realize one caption mention: its colour and shape (and size, if it names
+    one and ``sized``)."""
+    return [o for o in objs if o.colour == m["colour"] and o.shape == m["shape"]
+            and (not sized or m.get("size") is None or o.size == m["size"])]
+
+
 def _mentions_hold(want: list[dict[str, Any]], relation: str | None, objs: list[ParsedObject]) -> bool:
     """True if parsed objects realize every mention (colour, shape, size if given) and the relation.
 
     Relations are checked on box centres ("left of": centre x smaller, "above": centre y smaller).
     """
     def matches(m: dict[str, Any]) -> list[ParsedObject]:
-        return [o for o in objs if o.colour == m["colour"] and o.shape == m["shape"]
-                and (m.get("size") is None or o.size == m["size"])]
+        return _mention_matches(m, objs)
 
     first = matches(want[0])
     if len(want) == 1:
