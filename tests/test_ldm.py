@@ -92,6 +92,50 @@ def test_refuses_to_overwrite_or_resume_a_different_recipe(ae_path, tmp_path):
         train_diffusion(train_cfg(ae_path, tmp_path / "r", steps=3, lr=1e-2), resume=True, progress=False)
 
 
+def test_lr_scale_gives_each_part_its_own_group_and_rate(ae_path, tmp_path):
+    from ldmkit.models.autoencoder import load_autoencoder
+    from ldmkit.train.checkpoint import unflatten_optimizer_state
+    from ldmkit.train.diffusion import parameter_groups
+
+    cfg = train_cfg(ae_path, tmp_path / "s", steps=4, lr=1e-3, lr_scale={"class": 0.01})
+    model = LatentDiffusion(cfg.model, load_autoencoder(ae_path))
+    groups, scales = parameter_groups(model, cfg.lr_scale)
+    assert scales == [1.0, 0.01, 1.0]  # unet, class, class_vec (stack order)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.trainable_parameters())  # each trainable weight once
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.stack.conditioners["class"].parameters()}
+    assert [len(g["params"]) for g in parameter_groups(model, {})[0]] == [len(ids)]  # no factors: one group
+
+    train_diffusion(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "s/last.safetensors")
+    lrs = [g["lr"] for g in unflatten_optimizer_state(ckpt.tensors, ckpt.metadata, "opt")["param_groups"]]
+    assert lrs[1] == pytest.approx(0.01 * lrs[0]) and lrs[2] == pytest.approx(lrs[0]) and lrs[0] > 0
+    # the slowed conditioner moved ~100x less than its unscaled twin run's (Adam steps scale with lr)
+    train_diffusion(train_cfg(ae_path, tmp_path / "p", steps=4, lr=1e-3), progress=False)
+    torch.manual_seed(cfg.seed)  # the trainer's initial weights: the same seed, then the same constructions
+    start = LatentDiffusion(cfg.model, load_autoencoder(ae_path))
+    key = next(k for k in trainable(tmp_path / "s/last.safetensors") if k.startswith("model.stack.conditioners.class."))
+    init = dict(start.named_parameters())[key.removeprefix("model.")].detach()
+    moved = {run: float((trainable(tmp_path / f"{run}/last.safetensors")[key].float() - init).abs().max()) for run in "sp"}
+    assert 0 < moved["s"] < 0.05 * moved["p"], moved
+    # resuming keeps the groups and their rates: exactly the uninterrupted run
+    part = train_cfg(ae_path, tmp_path / "part", steps=4, lr=1e-3, lr_scale={"class": 0.01})
+    train_diffusion(part, progress=False, stop_after=3)
+    train_diffusion(part, resume=True, progress=False)
+    a, b = trainable(tmp_path / "s/last.safetensors"), trainable(tmp_path / "part/last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="differs in \\['lr_scale'\\]"):
+        train_diffusion(train_cfg(ae_path, tmp_path / "part", steps=5, lr=1e-3), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("scale,match", [({"text": 0.1}, "'text' is not a part of this model; allowed: unet, class, class_vec"),
+                                         ({"class": 0.0}, "lr_scale.class: must be a positive finite number"),
+                                         ({"unet": float("nan")}, "lr_scale.unet: must be a positive")])
+def test_lr_scale_refuses_unknown_parts_and_bad_factors(ae_path, tmp_path, scale, match):
+    with pytest.raises(ValueError, match=match):
+        train_cfg(ae_path, tmp_path, lr_scale=scale)
+
+
 def test_a_decay_tail_added_on_resume_equals_the_recipe_trained_in_one_go(ae_path, tmp_path):
     """A constant-rate run may be given a cosine tail from a step it has not taken yet; the result is
     exactly the run whose recipe had that schedule from the start, so the recipe stays reproducible."""
