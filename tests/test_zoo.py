@@ -30,7 +30,7 @@ def _train_config(path):
 
 def test_the_zoo_holds_what_the_issues_ship():
     assert {"shapes-kl-f4", "shapes-vq-f4", "photos-kl-f4", "shapes-class", "shapes-uncond", "shapes-layout",
-            "shapes-semantic", "shapes-sr", "shapes-inpaint", "emoji-text", "shapes-multi"} <= set(NAMES)
+            "shapes-semantic", "shapes-sr", "shapes-inpaint", "emoji-text", "shapes-multi", "shapes-text"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -80,6 +80,9 @@ QUALITY = {
     # issue 11: pixel_acc >= 0.93 at n=200 (measured 0.995, miou 0.957, object_f1 0.973)
     # issue 11: psnr - psnr_bicubic >= 3 dB at n=200 (measured 31.83 - 27.07 = +4.77, lr_psnr 36.4)
     "shapes-sr": ("shapes-sr", 64, {"steps": 50}, {"psnr_gain": 3.5, "lr_psnr": 33.0}),
+    # issue 10: caption_acc >= 0.90, heldout >= 0.70 at n=200 NOT met (measured 0.765 / 0.49 with bf16, card: fp32);
+    # this guards the measured level
+    "shapes-text": ("shapes-caption", 64, {"steps": 50}, {"caption_acc": 0.6, "caption_acc_heldout": 0.3}),
     # issue 10: honest, not good — retrieval among 64 held-out emoji: measured top1 0.078, top5 0.219 (chance 0.016)
     "emoji-text": ("emoji-text", 64, {"steps": 50}, {"retrieval_top1": 0.03, "retrieval_top5": 0.12}),
     # issue 11: psnr_outside >= 35, object_f1 >= 0.90 at n=200 (measured 100 with the default paste, 0.907)
