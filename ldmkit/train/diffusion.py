@@ -375,8 +375,9 @@ def train_diffusion(
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0, losses = time.perf_counter(), []
     for step in range(start, end):
+        rate = lr_at(step, cfg.lr, **_schedule(cfg))
         for group, scale in zip(opt.param_groups, scales):
-            group["lr"] = lr_at(step, cfg.lr, **_schedule(cfg)) * scale
+            group["lr"] = rate * scale
         idx = batch_indices(step, cfg.batch_size, data.n, cfg.seed)
         g = _step_generator(cfg.seed, step)
         # the global RNG (UNet dropout, plugins' own randomness) is also a function of (seed, step, rank),
