@@ -128,6 +128,53 @@ def test_lr_scale_gives_each_part_its_own_group_and_rate(ae_path, tmp_path):
         train_diffusion(train_cfg(ae_path, tmp_path / "part", steps=5, lr=1e-3), resume=True, progress=False)
 
 
+def test_init_from_warm_starts_the_shared_parts_and_keeps_an_added_conditioner_fresh(ae_path, tmp_path):
+    from ldmkit.models.autoencoder import load_autoencoder
+    from ldmkit.train.diffusion import warm_start
+
+    base = train_diffusion(train_cfg(ae_path, tmp_path / "base", steps=3, lr=1e-2), progress=False)
+    saved = load_checkpoint(base).tensors
+    grown = train_cfg(ae_path, tmp_path / "grown", steps=2, lr=1e-9, init_from=str(base))
+    extra = {"type": "class", "name": "class_extra", "key": "label", "num_classes": 18, "dim": 16, "dropout": 0.3}
+    model_cfg = grown.model.model_dump()
+    model_cfg["conditioning"]["conditioners"].append(extra)
+    grown = grown.model_copy(update={"model": load_config(model_cfg, type(grown.model))})
+    torch.manual_seed(1)
+    model = LatentDiffusion(grown.model, load_autoencoder(ae_path))
+    fresh = {k: v.clone() for k, v in model.stack.conditioners["class_extra"].state_dict().items()}
+    report = warm_start(model, str(base))
+    assert report["kept"] == ["class_extra"] and report["loaded"] < report["of"]
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(v, saved["unet." + k].float()), k
+    assert torch.equal(model.stack.conditioners["class"].embedding.weight, saved["stack.conditioners.class.embedding.weight"])
+    assert all(torch.equal(v, fresh[k]) for k, v in model.stack.conditioners["class_extra"].state_dict().items())
+    # in the trainer: logged, and the EMA starts from the loaded weights (a ~0 learning rate keeps them)
+    final = train_diffusion(grown, progress=False, stop_after=1)
+    log = [json.loads(x) for x in (tmp_path / "grown/log.jsonl").read_text().splitlines()]
+    assert log[1]["event"] == "init_from" and log[1]["kept"] == ["class_extra"]
+    base.rename(tmp_path / "moved.safetensors")  # a resume reads only its checkpoint, not init_from
+    final = train_diffusion(grown, resume=True, progress=False)
+    ema = load_checkpoint(final).tensors
+    assert torch.allclose(ema["unet.out.2.weight"].float(), saved["unet.out.2.weight"].float(), atol=1e-6)
+
+
+def test_init_from_refuses_another_shape_or_a_file_that_is_no_ldm(ae_path, tmp_path):
+    from ldmkit.models.autoencoder import load_autoencoder
+    from ldmkit.train.diffusion import warm_start
+    from ldmkit.zoo import ZooError
+
+    base = train_diffusion(train_cfg(ae_path, tmp_path / "base", steps=1), progress=False)
+    wide = train_cfg(ae_path, tmp_path / "wide").model.model_dump()
+    wide["unet"]["model_channels"] = 24
+    model = LatentDiffusion(load_config(wide, type(train_cfg(ae_path, tmp_path).model)), load_autoencoder(ae_path))
+    with pytest.raises(CheckpointError, match=r"another shape than this recipe's: unet\.\S+ \(16,"):
+        warm_start(model, str(base))
+    with pytest.raises(CheckpointError, match="is not a latent diffusion model"):
+        warm_start(model, str(ae_path))
+    with pytest.raises(ZooError, match="init_from: model .*missing.safetensors' is not a file"):
+        warm_start(model, str(tmp_path / "missing.safetensors"))
+
+
 @pytest.mark.parametrize("scale,match", [({"text": 0.1}, "'text' is not a part of this model; allowed: unet, class, class_vec"),
                                          ({"class": 0.0}, "lr_scale.class: must be a positive finite number"),
                                          ({"unet": float("nan")}, "lr_scale.unet: must be a positive")])

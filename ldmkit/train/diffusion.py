@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from ldmkit.config import LatentDiffusionConfig, load_config
-from ldmkit.models.ldm import LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
+from ldmkit.models.ldm import CHECKPOINT_KIND, LatentDiffusion, images_to_tensor, save_ldm, tensor_to_images
 from ldmkit.train.autoencoder import batch_indices
 from ldmkit.train.checkpoint import (
     CheckpointError,
@@ -90,6 +90,11 @@ class DiffusionTrainConfig(BaseModel):
         default_factory=dict, description="per-part learning-rate factors, {name: factor}: 'unet' or a conditioner's "
                                           "name (e.g. {text: 0.1} fine-tunes a pretrained text tower ten times "
                                           "slower than the UNet); parts not named train at lr")
+    init_from: str | None = Field(
+        None, description="warm start: a model file (a run's model.safetensors, `ldmkit export` output or zoo:NAME) "
+                          "whose UNet and conditioner tensors are copied where name and shape agree; parts it lacks "
+                          "(e.g. a conditioner added to the recipe) keep their fresh or pretrained weights. A tensor "
+                          "of the same name but another shape is an error. Read once at the start, not on --resume")
     grad_clip: float | None = Field(1.0, gt=0)
     ema: float | None = Field(0.999, gt=0, lt=1, description="EMA decay (off if null)")
     cache_latents: bool = True
@@ -154,6 +159,47 @@ def parameter_groups(model: LatentDiffusion, lr_scale: dict[str, float]) -> tupl
         parts.setdefault(owned.get(id(p), "unet"), []).append(p)
     kept = [(name, ps) for name, ps in parts.items() if ps]
     return [{"params": ps} for _, ps in kept], [float(lr_scale.get(name, 1.0)) for name, _ in kept]
+
+
+def warm_start(model: LatentDiffusion, ref: str) -> dict[str, Any]:
+    """Copy ``ref``'s UNet and conditioning-stack tensors into ``model`` where name and shape agree.
+
+    Returns what happened: ``{"init_from", "loaded", "kept"}`` (tensor counts, and the names of the
+    model's conditioners the file did not hold any tensor of). Raises :class:`CheckpointError` when a
+    tensor of the same name has another shape (the recipes disagree on that part's size: say which)
+    or when nothing matches (not a warm start of this model at all).
+    """
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from ldmkit.zoo import ZooError, resolve
+
+    try:
+        path = resolve(ref)
+    except ZooError as exc:
+        raise ZooError(f"init_from: {exc}") from None
+    meta = read_metadata(path)
+    if meta.get("ldmkit.kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"init_from: {path} is not a latent diffusion model (ldmkit.kind="
+                              f"{meta.get('ldmkit.kind')!r}); give a run's model.safetensors, an export or zoo:NAME")
+    source = {k: v for k, v in load_checkpoint(path).tensors.items() if k.startswith(("unet.", "stack."))}
+    own = {**{"unet." + k: v for k, v in model.unet.state_dict().items()},
+           **{"stack." + k: v for k, v in model.stack.state_dict().items()}}
+    clash = sorted(f"{k} {tuple(source[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
+                   if k in source and source[k].shape != v.shape)
+    if clash:
+        shown = "; ".join(clash[:5]) + (f" (and {len(clash) - 5} more)" if len(clash) > 5 else "")
+        raise CheckpointError(f"init_from: {path} has tensors of another shape than this recipe's: {shown}")
+    matched = [k for k in own if k in source]
+    if not matched:
+        raise CheckpointError(f"init_from: {path} shares no tensor with this model (is it another model's file?)")
+    with torch.no_grad():
+        for k in matched:
+            value = source[k]
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(f"init_from: {path}: {k} holds NaN or inf")
+            own[k].copy_(value.to(own[k].dtype))
+    held = {k.split(".")[2] for k in source if k.startswith("stack.conditioners.")}
+    kept = [name for name in model.stack.names if name not in held]
+    return {"init_from": str(ref), "loaded": len(matched), "of": len(own), "kept": kept}
 
 
 def load_first_stage(ref: str | None, device: torch.device | str = "cpu"):
@@ -336,6 +382,7 @@ def train_diffusion(
     torch.manual_seed(cfg.seed)
     autoencoder = load_first_stage(cfg.model.autoencoder, device)
     model = LatentDiffusion(cfg.model, autoencoder).to(device)
+    warm = warm_start(model, cfg.init_from) if cfg.init_from and not resume else None
     model.train()
     ema = _EMA(model, cfg.ema) if cfg.ema else None
     params = model.trainable_parameters()
@@ -372,6 +419,8 @@ def train_diffusion(
         log_path.write_text("")
         _log(log_path, {"event": "start", "config": json.loads(cfg.model_dump_json()), "world_size": world,
                         "parameters": sum(p.numel() for p in params)})
+        if warm is not None:
+            _log(log_path, {"event": "init_from", **warm})
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0, losses = time.perf_counter(), []
     for step in range(start, end):
