@@ -260,8 +260,9 @@ def _inpaint_probe(kind: str):
 def test_inpaint_object_score_asks_only_for_what_the_visible_part_determines() -> None:
     """Probes for shapes-inpaint's object_f1: leaving out objects the hole hides is free (the all-objects
     score would call it 0.65); not completing partly hidden objects (a grey fill) scores well below the
-    0.90 target; completing them in the wrong colour scores lower still."""
+    0.90 target (their cut-off remains are not recognisable shapes: 0.48; 0.70 before objects had to be
+    recognisable); completing them in the wrong colour scores low too."""
     got = {k: run_suite("shapes-inpaint", n=N, mode="model", generate=_inpaint_probe(k)) for k in ("grey", "no_hidden", "recolour")}
     assert got["no_hidden"]["object_f1"] >= 0.99 and got["no_hidden"]["object_f1_all"] < 0.75
-    assert 0.6 < got["grey"]["object_f1"] < 0.85 and got["grey"]["psnr_outside"] == 100.0
+    assert 0.3 < got["grey"]["object_f1"] < 0.6 and got["grey"]["psnr_outside"] == 100.0
     assert got["recolour"]["object_f1"] < 0.5
