@@ -2,6 +2,10 @@
 
 Usage: python scripts/zoo_card.py NAME RUN_DIR RECIPE.yaml --suite SUITE [--suite SUITE2 ...] [--n N]
        --description "..." [--eval-args "--sampler ddim --steps 50"]
+       python scripts/zoo_card.py NAME [NAME ...] --refresh-evals
+
+``--refresh-evals`` re-runs the eval commands already on the named cards and replaces their results
+(after a metric changes; nothing else on the card is touched).
 
 The card (ldmkit/zoo/NAME.json) records the training command, steps, wall-clock minutes (from the
 run's log), parameter count, file size, the machine, and the `ldmkit eval ... --json` result, which is
@@ -51,7 +55,31 @@ def shipped_parameters(weights: Path, logged: int | None) -> int | None:
     return sum(p.numel() for p in load(str(weights)).trainable_parameters())
 
 
+def run_eval(cmd: list[str]) -> dict:
+    """``ldmkit eval ... --json`` (``cmd`` as written on a card), run with this interpreter; its JSON result."""
+    res = subprocess.run([sys.executable, "-m", "ldmkit.cli", *cmd[1:]], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def refresh_evals(names: list[str]) -> None:
+    for name in names:
+        path = ZOO / f"{name}.json"
+        card = json.loads(path.read_text())
+        if card.get("evals"):
+            card["evals"] = [run_eval(shlex.split(cmd)) for cmd in card["eval_commands"]]
+            card["eval"] = card["evals"][0]
+        elif card.get("eval_command"):
+            card["eval"] = run_eval(shlex.split(card["eval_command"]))
+        else:
+            continue
+        path.write_text(json.dumps(card, indent=2) + "\n")
+        print(name, json.dumps([e["metrics"] for e in card.get("evals") or [card["eval"]]]), flush=True)
+
+
 def main() -> None:
+    if "--refresh-evals" in sys.argv[1:]:
+        refresh_evals([a for a in sys.argv[1:] if a != "--refresh-evals"])
+        return
     p = argparse.ArgumentParser()
     p.add_argument("name")
     p.add_argument("run_dir", type=Path)
@@ -77,9 +105,8 @@ def main() -> None:
     cmds, results = [], []
     for suite in args.suite:
         cmd = ["ldmkit", "eval", f"zoo:{args.name}", "--suite", suite, "--n", str(args.n), *shlex.split(args.eval_args), "--json"]
-        res = subprocess.run([sys.executable, "-m", "ldmkit.cli", *cmd[1:]], capture_output=True, text=True, check=True)
         cmds.append(" ".join(cmd))
-        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        results.append(run_eval(cmd))
     card = {
         "name": args.name,
         "description": args.description,
