@@ -203,7 +203,7 @@ def _as_probe(sample: Sample, family: str) -> np.ndarray:
     size, objects = sample.image.shape[0], sample.meta["objects"]
     k = next(i for i, o in enumerate(objects) if o["class_id"] == sample.label)
     rest = []
-    for i, o in enumerate(objects):
+    for o in objects:
         x0, y0, x1, y1 = (v * size for v in o["box"])
         rest.append({"shape": o["shape"], "colour": o["colour"], "r": (x1 - x0) / 2, "cx": (x0 + x1) / 2, "cy": (y0 + y1) / 2})
     probe = rest.pop(k)

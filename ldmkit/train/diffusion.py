@@ -164,12 +164,13 @@ def parameter_groups(model: LatentDiffusion, lr_scale: dict[str, float]) -> tupl
 def warm_start(model: LatentDiffusion, ref: str) -> dict[str, Any]:
     """Copy ``ref``'s UNet and conditioning-stack tensors into ``model`` where name and shape agree.
 
-    Returns what happened: ``{"init_from", "loaded", "kept"}`` (tensor counts, and the names of the
-    model's conditioners the file did not hold any tensor of). Raises :class:`CheckpointError` when a
-    tensor of the same name has another shape (the recipes disagree on that part's size: say which)
-    or when nothing matches (not a warm start of this model at all).
+    Returns what happened: ``{"init_from", "loaded", "of", "kept"}`` (tensors copied, tensors the model
+    has, and the names of the model's conditioners the file did not hold any tensor of). Raises
+    :class:`CheckpointError` when a tensor of the same name has another shape (the recipes disagree on
+    that part's size: say which), when nothing matches (not a warm start of this model at all), or when
+    a copied tensor is damaged (:func:`load_module_state`'s checks).
     """
-    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from ldmkit.train.checkpoint import CheckpointError, load_checkpoint, load_module_state, read_metadata
     from ldmkit.zoo import ZooError, resolve
 
     try:
@@ -180,9 +181,10 @@ def warm_start(model: LatentDiffusion, ref: str) -> dict[str, Any]:
     if meta.get("ldmkit.kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"init_from: {path} is not a latent diffusion model (ldmkit.kind="
                               f"{meta.get('ldmkit.kind')!r}); give a run's model.safetensors, an export or zoo:NAME")
-    source = {k: v for k, v in load_checkpoint(path).tensors.items() if k.startswith(("unet.", "stack."))}
-    own = {**{"unet." + k: v for k, v in model.unet.state_dict().items()},
-           **{"stack." + k: v for k, v in model.stack.state_dict().items()}}
+    ckpt = load_checkpoint(path)
+    parts = {"unet": model.unet, "stack": model.stack}
+    source = {f"{part}.{k}": v for part in parts for k, v in ckpt.subset(part + ".").items()}
+    own = {f"{part}.{k}": v for part, module in parts.items() for k, v in module.state_dict().items()}
     clash = sorted(f"{k} {tuple(source[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
                    if k in source and source[k].shape != v.shape)
     if clash:
@@ -191,12 +193,10 @@ def warm_start(model: LatentDiffusion, ref: str) -> dict[str, Any]:
     matched = [k for k in own if k in source]
     if not matched:
         raise CheckpointError(f"init_from: {path} shares no tensor with this model (is it another model's file?)")
-    with torch.no_grad():
-        for k in matched:
-            value = source[k]
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise CheckpointError(f"init_from: {path}: {k} holds NaN or inf")
-            own[k].copy_(value.to(own[k].dtype))
+    for part, module in parts.items():  # the matched tensors over the module's own; loaded with every check
+        state = module.state_dict()
+        state.update({k: v for k, v in ckpt.subset(part + ".").items() if k in state})
+        load_module_state(module, state, f"init_from: {path} ({part})")
     held = {k.split(".")[2] for k in source if k.startswith("stack.conditioners.")}
     kept = [name for name in model.stack.names if name not in held]
     return {"init_from": str(ref), "loaded": len(matched), "of": len(own), "kept": kept}
