@@ -164,6 +164,16 @@ def test_registry_names_and_unknown_name() -> None:
     assert len(load_dataset("photos", n=5)) == 5
     shapes = load_dataset("shapes", split="eval", length=3)
     assert len(shapes) == 3 and shapes[0].image.shape == (32, 32, 3)
+    assert load_dataset("shapes", split="train-text", only_captioned=True).only_captioned
+
+
+@pytest.mark.parametrize("name, allowed", [("shapes", "length, only_captioned"), ("photos", "n"), ("digits", "none")])
+def test_unknown_data_set_option_names_it_and_the_options(name: str, allowed: str) -> None:
+    from ldmkit.data import dataset_options
+
+    assert (", ".join(dataset_options(name)) or "none") == allowed
+    with pytest.raises(ValueError, match=f"data set '{name}' has no option 'colour'; its options: {allowed}$"):
+        load_dataset(name, colour=1)
 
 
 def test_registry_own_data(tmp_path) -> None:

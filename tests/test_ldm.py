@@ -522,3 +522,21 @@ def test_a_model_can_reference_its_zoo_autoencoder_instead_of_bundling_it(tmp_pa
     model.config.autoencoder = str(tmp_path / "some.safetensors")
     with pytest.raises(ValueError, match="only a zoo autoencoder can be referenced"):
         save_ldm(model, tmp_path / "x.safetensors", bundle_autoencoder=False)
+
+
+def test_data_options_reach_the_data_set_and_bad_ones_are_named(ae_path, tmp_path, monkeypatch):
+    """`data.options` is passed to load_dataset (here shapes' only_captioned); an option the data set lacks
+    fails before training, naming it and the data set's options."""
+    import ldmkit.data as data
+
+    seen = []
+    real = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    cfg = train_cfg(ae_path, tmp_path / "o", steps=1, data={"name": "shapes", "split": "train-text", "cache_size": 16,
+                                                           "options": {"only_captioned": True}})
+    train_diffusion(cfg, progress=False)
+    assert seen[0]["only_captioned"] is True
+    bad = train_cfg(ae_path, tmp_path / "b", steps=1, data={"name": "shapes", "options": {"captioned": True}})
+    with pytest.raises(ValueError, match="data set 'shapes' has no option 'captioned'; its options: length, only_captioned"):
+        train_diffusion(bad, progress=False)
+    assert not (tmp_path / "b" / "last.safetensors").exists()

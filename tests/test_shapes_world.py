@@ -66,7 +66,7 @@ def test_sequence_protocol() -> None:
 
 @pytest.mark.parametrize("kwargs, word", [
     ({"split": "test"}, "split"), ({"size": 30}, "size"), ({"size": 8}, "size"), ({"seed": -1}, "seed"),
-    ({"length": 0}, "length"),
+    ({"length": 0}, "length"), ({"only_captioned": "yes"}, "only_captioned"),
 ])
 def test_bad_arguments_name_the_argument(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
@@ -181,3 +181,25 @@ def test_larger_images() -> None:
     assert s.caption == small.caption and s.label == small.label  # the same scene, finer pixels
     for a, b in zip(s.meta["objects"], small.meta["objects"]):
         assert a["class_id"] == b["class_id"] and np.allclose(a["box"], b["box"])
+
+
+def test_only_captioned_draws_exactly_the_caption() -> None:
+    """only_captioned keeps the caption and the mentioned objects' places, and drops every other object:
+    the parser finds exactly the mentioned objects, where the full scene had more."""
+    from ldmkit.metrics.shapes import caption_acc, parse_scene
+
+    full, only = ShapesWorld("train-text", seed=0), ShapesWorld("train-text", seed=0, only_captioned=True)
+    dropped = 0
+    for i in range(80):
+        a, b = full[i], only[i]
+        assert a.caption == b.caption
+        kept = [a.meta["objects"][k] for k in a.meta["caption"]["objects"]]
+        assert b.meta["objects"] == kept and b.meta["caption"]["objects"] == list(range(len(kept)))
+        assert len(parse_scene(b.image)) == len(kept)
+        assert [x.label for x in b.boxes] == [f"{o['colour']} {o['shape']}" for o in kept]
+        assert set(np.unique(b.segmentation)) == {0} | {o["class_id"] + 1 for o in kept}
+        dropped += len(a.meta["objects"]) - len(kept)
+    assert dropped > 20  # the full scenes do have objects the caption leaves out
+    samples = [only[i] for i in range(80)]
+    assert caption_acc(samples, [s.image for s in samples]) == 1.0
+    assert "only_captioned=True" in repr(only)

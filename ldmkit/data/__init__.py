@@ -14,7 +14,7 @@ from typing import Any
 
 from ldmkit.data.base import CONDITION_KEYS, Box, Sample
 
-__all__ = ["Box", "Sample", "CONDITION_KEYS", "DATASETS", "load_dataset"]
+__all__ = ["Box", "Sample", "CONDITION_KEYS", "DATASETS", "dataset_options", "load_dataset"]
 
 #: The built-in data sets and what they are (``folder:PATH`` and ``manifest:PATH`` / ``*.jsonl`` too).
 DATASETS: dict[str, str] = {
@@ -58,6 +58,37 @@ _BUILDERS: dict[str, Callable[..., Sequence[Sample]]] = {
 }
 
 
+def _dataset_class(name: str) -> Any:
+    from importlib import import_module
+
+    module, cls = _CLASSES[name].rsplit(".", 1)
+    return getattr(import_module(module), cls)
+
+
+#: The class behind each built-in data set (its keyword arguments besides split/size/seed are its options).
+_CLASSES: dict[str, str] = {
+    "shapes": "ldmkit.data.shapes.ShapesWorld",
+    "emoji": "ldmkit.data.emoji.EmojiDataset",
+    "digits": "ldmkit.data.digits.DigitsDataset",
+    "photos": "ldmkit.data.photos.PhotosDataset",
+}
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The extra keyword options a built-in data set takes (``load_dataset(name, ..., **options)``)."""
+    import inspect
+
+    params = inspect.signature(_dataset_class(name).__init__).parameters
+    return tuple(p for p in params if p not in ("self", "split", "size", "seed"))
+
+
+def _check_options(name: str, kw: dict[str, Any]) -> None:
+    unknown = sorted(set(kw) - set(dataset_options(name)))
+    if unknown:
+        allowed = ", ".join(dataset_options(name)) or "none"
+        raise ValueError(f"data set {name!r} has no option {unknown[0]!r}; its options: {allowed}")
+
+
 def load_dataset(
     name: str | os.PathLike[str], *, split: str = "train", size: int | None = 32, seed: int = 0, **kw: Any
 ) -> Sequence[Sample]:
@@ -71,7 +102,7 @@ def load_dataset(
             ``train`` or ``all`` (both mean every image); keep evaluation images in a separate manifest.
         size: image side in pixels (``None`` keeps your own images' sizes; built-in sets need an int).
         seed: seeds random data sets (shapes, photos); deterministic ones ignore it.
-        **kw: passed on to the data set (``n=`` for photos, ``length=`` for shapes, ``font_path=`` for
+        **kw: passed on to the data set (``n=`` for photos, ``length=`` and ``only_captioned=`` for shapes, ``font_path=`` for
             emoji, ``skip_invalid=``/``fit=`` for a manifest, ``fit=``/``recursive=`` for a folder).
     """
     text = os.fspath(name)
@@ -81,6 +112,7 @@ def load_dataset(
     elif text.endswith(".jsonl"):
         kind, path = "manifest", text
     elif text in _BUILDERS:
+        _check_options(text, kw)
         return _BUILDERS[text](split, size, seed, **kw)
     else:
         allowed = ", ".join([*DATASETS, "folder:PATH", "manifest:PATH", "PATH.jsonl"])

@@ -279,12 +279,22 @@ def _check_args(split: str, size: int, seed: int) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def make_scene(seed: int, split: str, index: int, size: int = 32) -> Sample:
-    """Scene ``index`` of ``split`` for ``seed``, as a fully annotated :class:`Sample`."""
+def make_scene(seed: int, split: str, index: int, size: int = 32, only_captioned: bool = False) -> Sample:
+    """Scene ``index`` of ``split`` for ``seed``, as a fully annotated :class:`Sample`.
+
+    ``only_captioned``: draw only the objects the caption mentions (the others of the scene are left out;
+    caption, kept objects' places and the random stream are those of the full scene), so the caption
+    describes the whole image.
+    """
     _check_args(split, size, seed)
+    if not isinstance(only_captioned, bool):
+        raise ValueError(f"only_captioned must be true or false, got {only_captioned!r}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLIT_CODE[split], index])))
     objs = _draw_objects(rng, size, split)
     caption, cap = _draw_caption(rng, objs, split)
+    if only_captioned:
+        objs = [objs[i] for i in cap["objects"]]
+        cap = {**cap, "objects": list(range(len(objs)))}
     u = rng.random(6)
     background = 90.0 + 30.0 * u[0] + (10.0 * u[1:4] - 5.0)
     gradient = (16.0 * u[4] - 8.0, 16.0 * u[5] - 8.0)
@@ -358,14 +368,20 @@ class ShapesWorld(Sequence[Sample]):
         size: image side in pixels, a multiple of 4 and at least 16 (32 default; 64 and up work).
         seed: selects the world; scene ``i`` depends only on ``(seed, split, i, size)``.
         length: number of scenes (default 1,000,000 for training splits, 100,000 for eval splits).
+        only_captioned: draw only the objects each caption mentions (see :func:`make_scene`): training
+            data whose captions describe the whole image.
     """
 
-    def __init__(self, split: str = "train", size: int = 32, seed: int = 0, length: int | None = None):
+    def __init__(self, split: str = "train", size: int = 32, seed: int = 0, length: int | None = None,
+                 only_captioned: bool = False):
         _check_args(split, size, seed)
         length = DEFAULT_LENGTH[split] if length is None else length
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
+        if not isinstance(only_captioned, bool):
+            raise ValueError(f"only_captioned must be true or false, got {only_captioned!r}")
         self.split, self.size, self.seed, self.length = split, size, seed, length
+        self.only_captioned = only_captioned
 
     def __len__(self) -> int:
         return self.length
@@ -378,10 +394,11 @@ class ShapesWorld(Sequence[Sample]):
             index += self.length
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for ShapesWorld of length {self.length}")
-        return make_scene(self.seed, self.split, index, self.size)
+        return make_scene(self.seed, self.split, index, self.size, self.only_captioned)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(self.length))
 
     def __repr__(self) -> str:
-        return f"ShapesWorld(split={self.split!r}, size={self.size}, seed={self.seed}, length={self.length})"
+        extra = ", only_captioned=True" if self.only_captioned else ""
+        return f"ShapesWorld(split={self.split!r}, size={self.size}, seed={self.seed}, length={self.length}{extra})"

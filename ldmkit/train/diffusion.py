@@ -63,6 +63,8 @@ class DiffusionDataConfig(BaseModel):
     split: str = "train"
     seed: int = 0
     cache_size: int = Field(20000, gt=0, description="training images used (and, with cache_latents, encoded once)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the data set's own options, passed to "
+                                    "load_dataset, e.g. {only_captioned: true} for shapes")
 
 
 class DiffusionTrainConfig(BaseModel):
@@ -254,7 +256,8 @@ class _Data:
         from ldmkit.fields import check_keys, sample_value
 
         check_keys(model.stack.accepted_keys())  # every key a built-in or plugin-declared field, before any data
-        dataset = load_dataset(cfg.data.name, split=cfg.data.split, size=cfg.model.image_size, seed=cfg.data.seed)
+        dataset = load_dataset(cfg.data.name, split=cfg.data.split, size=cfg.model.image_size, seed=cfg.data.seed,
+                               **cfg.data.options)
         self.n = min(len(dataset), cfg.data.cache_size)
         self.keys = sorted(model.stack.accepted_keys())
         samples = (dataset[i] for i in range(self.n))
