@@ -21,12 +21,11 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ldmkit.train.checkpoint import read_metadata
+from ldmkit.train.checkpoint import read_metadata, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 ZOO = REPO / "ldmkit" / "zoo"
@@ -72,7 +71,7 @@ def refresh_evals(names: list[str]) -> None:
             card["eval"] = run_eval(shlex.split(card["eval_command"]))
         else:
             continue
-        path.write_text(json.dumps(card, indent=2) + "\n")
+        write_atomic(path, json.dumps(card, indent=2) + "\n")
         print(name, json.dumps([e["metrics"] for e in card.get("evals") or [card["eval"]]]), flush=True)
 
 
@@ -99,9 +98,9 @@ def main() -> None:
     steps = int(meta.get("ldmkit.train_steps") or next(r for r in log if r.get("event") == "done")["step"])
     minutes = _train_minutes(log, steps)
     dst = ZOO / f"{args.name}.safetensors"
-    shutil.copyfile(weights, dst)
+    write_atomic(dst, Path(weights).read_bytes())  # a killed run leaves the previous zoo file whole
     os.chmod(dst, 0o644)
-    shutil.copyfile(args.recipe, ZOO / f"{args.name}.yaml")
+    write_atomic(ZOO / f"{args.name}.yaml", Path(args.recipe).read_bytes())
     cmds, results = [], []
     for suite in args.suite:
         cmd = ["ldmkit", "eval", f"zoo:{args.name}", "--suite", suite, "--n", str(args.n), *shlex.split(args.eval_args), "--json"]
@@ -121,7 +120,7 @@ def main() -> None:
         "eval": results[0],
         **({"eval_commands": cmds, "evals": results} if len(results) > 1 else {}),
     }
-    (ZOO / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_atomic(ZOO / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
     print(json.dumps(card, indent=2))
 
 

@@ -23,6 +23,7 @@ from ldmkit.train.checkpoint import (
     read_metadata,
     restore_rng_state,
     save_checkpoint,
+    write_atomic,
     unflatten_optimizer_state,
 )
 
@@ -60,6 +61,16 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
     ck = load_checkpoint(p)
     assert ck.metadata["n"] == "1" and torch.equal(ck.tensors["w"], torch.ones(4, 4))
     assert os.listdir(tmp_path) == ["last.safetensors"], "the temporary file is cleaned up"
+
+
+def test_write_atomic_text_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch) -> None:
+    """The same all-or-nothing write for any file (zoo cards, copied recipes): str is written as UTF-8."""
+    p = write_atomic(tmp_path / "card.json", '{"a": "é"}\n')
+    assert p.read_text(encoding="utf-8") == '{"a": "é"}\n'
+    monkeypatch.setattr(ckpt_mod.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated")))
+    with pytest.raises(OSError, match="simulated"):
+        write_atomic(p, b"half")
+    assert p.read_text(encoding="utf-8") == '{"a": "é"}\n' and os.listdir(tmp_path) == ["card.json"]
 
 
 def test_failed_replace_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:

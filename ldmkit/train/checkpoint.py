@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "Checkpoint",
     "save_checkpoint",
+    "write_atomic",
     "load_checkpoint",
     "read_metadata",
     "make_metadata",
@@ -164,8 +165,19 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Tensor], me
     meta = dict(metadata)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta[DIGEST_KEY] = _digest(tensors, meta)
-    data = safetensors.torch.save(tensors, metadata=meta)
+    return write_atomic(path, safetensors.torch.save(tensors, metadata=meta))
 
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` so that a reader sees the old file or the new, never a part.
+
+    The bytes go to a temporary file in the same directory, flushed and fsynced, then ``os.replace``-d
+    over ``path`` and the directory fsynced; on any failure before the replace ``path`` is untouched and
+    the temporary file removed. Checkpoints, exports, zoo cards and galleries are written this way.
+    """
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
