@@ -27,7 +27,7 @@ import numpy as np
 
 from ldmkit.data.base import Sample
 from ldmkit.evaluate import derangement, suite_conditions
-from ldmkit.metrics.shapes import _caption_request, _mention_matches, _mentions_hold, parse_scene
+from ldmkit.metrics.shapes import caption_request, mention_matches, mentions_hold, parse_scene
 
 
 def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval: int) -> dict[str, dict[str, int]]:
@@ -35,11 +35,11 @@ def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval
     out: dict[str, Counter] = {"eval": Counter(), "heldout": Counter()}
     for i, (cond, img) in enumerate(zip(conditions, images)):
         c = out["eval" if i < n_eval else "heldout"]
-        want, relation = _caption_request(cond)
+        want, relation = caption_request(cond)
         objs = parse_scene(img)
 
         def drawn(m: dict[str, Any], sized: bool) -> bool:
-            return bool(_mention_matches(m, objs, sized))
+            return bool(mention_matches(m, objs, sized))
 
         if len(want) == 1:
             c["one_object"] += 1
@@ -53,7 +53,7 @@ def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval
         c["both_drawn"] += first and second
         if drawn(want[0], True) and drawn(want[1], True):
             c["both_drawn_at_size"] += 1
-            c["relation_holds_given_both"] += _mentions_hold(want, relation, objs)
+            c["relation_holds_given_both"] += mentions_hold(want, relation, objs)
     return {k: dict(v) for k, v in out.items()}
 
 

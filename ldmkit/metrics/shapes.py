@@ -54,7 +54,8 @@ from ldmkit.data.shapes import (
 
 __all__ = [
     "ParsedObject", "SceneParse", "parse_scene", "parse_scene_details", "semantic_map", "is_clean",
-    "box_iou", "class_acc", "caption_acc", "layout_scores", "semantic_scores", "object_f1", "inpaint_object_f1",
+    "box_iou", "class_acc", "caption_acc", "caption_request", "mention_matches", "mentions_hold", "layout_scores",
+    "semantic_scores", "object_f1", "inpaint_object_f1",
     "valid_scene_rate", "valid_scene_faults", "scene_faults", "MIN_AREA", "MAX_JUNK", "MAX_MISFIT",
     "MIN_SHAPE_MARGIN", "MAX_COLOUR_ERROR", "SIZE_BANDS", "MIN_GAP", "MAX_SPECKS", "JUNK_DISTANCE",
 ]
@@ -456,20 +457,20 @@ def class_acc(conditions: Sequence[Sample], images: Sequence[np.ndarray]) -> flo
     return hits / len(conditions)
 
 
-def _mention_matches(m: dict[str, Any], objs: list[ParsedObject], sized: bool = True) -> list[ParsedObject]:
+def mention_matches(m: dict[str, Any], objs: list[ParsedObject], sized: bool = True) -> list[ParsedObject]:
     """The parsed objects that realize one caption mention: recognisable, of its colour and shape (and
     size, if it names one and ``sized``)."""
     return [o for o in objs if o.recognisable and o.colour == m["colour"] and o.shape == m["shape"]
             and (not sized or m.get("size") is None or o.size == m["size"])]
 
 
-def _mentions_hold(want: list[dict[str, Any]], relation: str | None, objs: list[ParsedObject]) -> bool:
+def mentions_hold(want: list[dict[str, Any]], relation: str | None, objs: list[ParsedObject]) -> bool:
     """True if parsed objects realize every mention (colour, shape, size if given) and the relation.
 
     Relations are checked on box centres ("left of": centre x smaller, "above": centre y smaller).
     """
     def matches(m: dict[str, Any]) -> list[ParsedObject]:
-        return _mention_matches(m, objs)
+        return mention_matches(m, objs)
 
     first = matches(want[0])
     if len(want) == 1:
@@ -485,7 +486,7 @@ def _mentions_hold(want: list[dict[str, Any]], relation: str | None, objs: list[
     return False
 
 
-def _caption_request(sample: Sample) -> tuple[list[dict[str, Any]], str | None]:
+def caption_request(sample: Sample) -> tuple[list[dict[str, Any]], str | None]:
     """What a caption asks for: from ``meta["caption"]`` (structured) or by parsing the text."""
     cap = sample.meta.get("caption")
     if isinstance(cap, dict) and "objects" in sample.meta:
@@ -505,8 +506,8 @@ def caption_acc(conditions: Sequence[Sample], images: Sequence[np.ndarray]) -> f
     _check_pairs(conditions, images)
     hits = 0
     for s, img in zip(conditions, images):
-        want, relation = _caption_request(s)
-        hits += _mentions_hold(want, relation, parse_scene(img))
+        want, relation = caption_request(s)
+        hits += mentions_hold(want, relation, parse_scene(img))
     return hits / len(conditions)
 
 
