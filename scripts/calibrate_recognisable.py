@@ -7,7 +7,7 @@ object F1 only when its misfit to that shape is within the bound. The bound must
 model at best produces, the shipped autoencoder's reconstructions of world scenes, and fail shapes the
 world never draws. This prints, per (shape, size), the misfit percentiles of the objects parsed from
 zoo:shapes-kl-f4 reconstructions of ``n`` eval scenes (indices 10,000 on, disjoint from the suites'
-conditions), the percentiles of the probe shapes (tests/valid_scene_probes.py: domes, ellipses,
+conditions), the percentiles of the probe shapes (ldmkit/metrics/probes.py: domes, ellipses,
 diamonds, teardrops, rounded squares, merged blobs; each probe's worst-fitting object), and the fraction
 of each that the current bound accepts.
 """
@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from valid_scene_probes import WRONG_SHAPES, probe_scene  # noqa: E402
-
-from ldmkit.data import load_dataset  # noqa: E402
-from ldmkit.metrics import shapes as sh  # noqa: E402
-from ldmkit.models.autoencoder import load_autoencoder  # noqa: E402
+from ldmkit.data import load_dataset
+from ldmkit.metrics import shapes as sh
+from ldmkit.metrics.probes import WRONG_SHAPES, probe_scene
+from ldmkit.models.autoencoder import load_autoencoder
 from ldmkit.models.ldm import images_to_tensor, tensor_to_images  # noqa: E402
 from ldmkit.zoo import resolve  # noqa: E402
 

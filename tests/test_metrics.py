@@ -196,7 +196,7 @@ PROBES = ("dome", "ellipse", "diamond", "teardrop")
 
 
 def _as_probe(sample: Sample, family: str) -> np.ndarray:
-    from valid_scene_probes import WRONG_SHAPES, _paint
+    from ldmkit.metrics.probes import WRONG_SHAPES, paint
 
     from ldmkit.data.shapes import render_scene
 
@@ -208,7 +208,7 @@ def _as_probe(sample: Sample, family: str) -> np.ndarray:
         rest.append({"shape": o["shape"], "colour": o["colour"], "r": (x1 - x0) / 2, "cx": (x0 + x1) / 2, "cy": (y0 + y1) / 2})
     probe = rest.pop(k)
     img = render_scene(rest, size, sample.meta["background"])[0].astype(np.float64)
-    _paint(img, WRONG_SHAPES[family], np.array(PALETTE[probe["colour"]], float), probe["cx"], probe["cy"], probe["r"])
+    paint(img, WRONG_SHAPES[family], np.array(PALETTE[probe["colour"]], float), probe["cx"], probe["cy"], probe["r"])
     return np.rint(img).clip(0, 255).astype(np.uint8)
 
 
@@ -241,7 +241,7 @@ def test_world_renders_and_autoencoder_reconstructions_are_recognisable() -> Non
     autoencoder's reconstructions (the ceiling of any latent model), are recognisable; merged same-colour
     blobs are not."""
     import torch
-    from valid_scene_probes import probe_scene
+    from ldmkit.metrics.probes import probe_scene
 
     from ldmkit.metrics import parse_scene
     from ldmkit.models.autoencoder import load_autoencoder

@@ -2,7 +2,7 @@
 
 Pass families (eval scenes 0-99): clean renders, Gaussian blur sigma 0.5 px, pixel noise sigma 3 and a JPEG
 round trip at quality 95 all score >= 0.98 (held out on 1,000 scenes of seeds 0 and 1: 1.000 / 1.000 /
-1.000 / 0.994 and 0.997). Fail families (tests/valid_scene_probes.py, 50 probes each, every probe scene holds one
+1.000 / 0.994 and 0.997). Fail families (ldmkit/metrics/probes.py, 50 probes each, every probe scene holds one
 thing the world never draws next to 0-2 ordinary objects) score <= 0.05; the rule before this file
 (best shape explains >= 60 % of an object, no palette or size check) accepted most of them:
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from valid_scene_probes import FAILING, blur, jpeg, noise, probe_scene
+from ldmkit.metrics.probes import FAILING, blur, jpeg, noise, probe_scene
 
 from ldmkit.data.shapes import ShapesWorld, render_scene
 from ldmkit.metrics.shapes import (
@@ -90,12 +90,12 @@ def test_off_palette_probes_fail_for_colour_or_as_unexplained_pixels() -> None:
 
 def test_the_shape_must_be_recognisable() -> None:
     """A square whose corners are rounded more and more turns ambiguous, then a circle."""
-    from valid_scene_probes import _paint, _rounded_square
+    from ldmkit.metrics.probes import paint, rounded_square
 
     rows = []
     for k in (0.0, 0.15, 0.45, 1.0):
         img = np.full((32, 32, 3), 100.0)
-        _paint(img, lambda dx, dy, r: _rounded_square(dx, dy, r, k), np.array([40.0, 70.0, 220.0]), 15.3, 16.6, 6.2)
+        paint(img, lambda dx, dy, r: rounded_square(dx, dy, r, k), np.array([40.0, 70.0, 220.0]), 15.3, 16.6, 6.2)
         (obj,) = parse_scene(np.rint(img).astype(np.uint8))
         rows.append((obj.shape, obj.shape_margin >= MIN_SHAPE_MARGIN and obj.misfit <= MAX_MISFIT[obj.shape]))
     assert rows[0] == ("square", True) and rows[-1] == ("circle", True)

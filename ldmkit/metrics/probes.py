@@ -1,5 +1,6 @@
-"""Probe images for ``valid_scene_rate``: scenes the shapes world never draws (must fail) and mild
-degradations of scenes it does draw (must pass). Used by tests/test_valid_scene.py.
+"""Should-fail probes for the shapes metrics: scenes the shapes world never draws (must fail) and mild
+degradations of scenes it does draw (must pass). Used by tests/test_valid_scene.py and
+tests/test_metrics.py (the evaluators' calibration) and by scripts/calibrate_recognisable.py.
 
 A probe scene is drawn like a world scene (shaded grey background, objects in the size bands, kept apart
 by the world's gaps) but its first object is the probe: a shape outside :data:`SHAPES` (drawn from a
@@ -8,6 +9,8 @@ objects merged into one blob, or an object outside the size bands. 0-2 ordinary 
 """
 
 from __future__ import annotations
+
+__all__ = ["WRONG_SHAPES", "OFF_PALETTE", "FAILING", "probe_scene", "paint", "rounded_square", "blur", "noise", "jpeg"]
 
 import io
 from collections.abc import Callable
@@ -20,7 +23,7 @@ from ldmkit.data.shapes import COLOURS, PALETTE, SHAPES, SIZES, shape_coverage
 Sdf = Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # (dx, dy, r) -> signed distance in pixels
 
 
-def _rounded_square(dx: np.ndarray, dy: np.ndarray, r: float, k: float = 0.45) -> np.ndarray:
+def rounded_square(dx: np.ndarray, dy: np.ndarray, r: float, k: float = 0.45) -> np.ndarray:
     rc = k * r
     qx, qy = np.abs(dx) - (r - rc), np.abs(dy) - (r - rc)
     outside = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0))
@@ -62,7 +65,7 @@ def _world(shape: str) -> Sdf:
 
 
 WRONG_SHAPES: dict[str, Sdf] = {
-    "rounded square": _rounded_square, "dome": _dome, "teardrop": _teardrop, "diamond": _diamond,
+    "rounded square": rounded_square, "dome": _dome, "teardrop": _teardrop, "diamond": _diamond,
     "ellipse": _ellipse,
 }
 OFF_PALETTE: dict[str, tuple[int, int, int] | None] = {
@@ -79,7 +82,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + (16 * u[4] - 8) * c[None, :, None] + (16 * u[5] - 8) * c[:, None, None]
 
 
-def _paint(img: np.ndarray, sdf: Sdf, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
+def paint(img: np.ndarray, sdf: Sdf, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
     pix = np.arange(img.shape[0], dtype=np.float64) + 0.5
     cov = np.clip(0.5 - sdf(pix[None, :] - cx, pix[:, None] - cy, r), 0.0, 1.0)
     img += cov[..., None] * (colour - img)
@@ -141,7 +144,7 @@ def probe_scene(family: str, index: int, size: int = 32) -> np.ndarray:
     lim = max(r, 1.0)
     cx, cy = rng.uniform(lim + 1, size - lim - 1, 2) if 2 * lim + 2 < size else (size / 2, size / 2)
     for sdf, rgb, ox, oy, pr in parts:
-        _paint(img, sdf, rgb, cx + ox, cy + oy, pr)
+        paint(img, sdf, rgb, cx + ox, cy + oy, pr)
     boxes.append((cx - r, cy - r, cx + r, cy + r))
     for _ in range(int(rng.integers(3))):  # 0-2 ordinary objects where they fit
         for _try in range(30):
@@ -149,7 +152,7 @@ def probe_scene(family: str, index: int, size: int = 32) -> np.ndarray:
             x, y = rng.uniform(rr, size - rr, 2)
             if _fits((x - rr, y - rr, x + rr, y + rr), boxes, size):
                 shape = _world(SHAPES[rng.integers(3)])
-                _paint(img, shape, np.array(PALETTE[COLOURS[rng.integers(6)]], float), x, y, rr)
+                paint(img, shape, np.array(PALETTE[COLOURS[rng.integers(6)]], float), x, y, rr)
                 boxes.append((x - rr, y - rr, x + rr, y + rr))
                 break
     return np.rint(img).clip(0, 255).astype(np.uint8)
