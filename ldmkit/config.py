@@ -137,7 +137,7 @@ class LatentDiffusionConfig(BaseModel):
     guidance: float | dict[str, float] = Field(
         default=1.0,
         description="classifier-free guidance used when the caller gives none: one scale (joint) or "
-        "{conditioner name: scale}; 1 is no guidance. Zoo models store the scale their eval was run with",
+        "{conditioner name or condition key: scale}; 1 is no guidance. Zoo models store the scale their eval was run with",
     )
 
     @field_validator("guidance")
@@ -155,10 +155,12 @@ class LatentDiffusionConfig(BaseModel):
     def _guided_names(self) -> "LatentDiffusionConfig":
         if isinstance(self.guidance, dict):
             names = [c.instance_name for c in self.conditioning.conditioners]
-            unknown = [k for k in self.guidance if k not in names]
+            keys = [k for k in dict.fromkeys(c.key for c in self.conditioning.conditioners) if k not in names]
+            unknown = [k for k in self.guidance if k not in names and k not in keys]
             if unknown:
                 raise ValueError(f"guidance names unknown conditioner(s) {', '.join(map(repr, unknown))}; "
-                                 f"this model has: {', '.join(names) or '(none)'}")
+                                 f"this model has: {', '.join(names) or '(none)'}"
+                                 + (f" (or a condition key: {', '.join(keys)})" if keys else ""))
         return self
 
     @model_validator(mode="after")

@@ -1,12 +1,12 @@
 """Per-conditioner guidance at work: two conditions that disagree, traded against each other by their scales.
 
-Usage: python scripts/guidance_tradeoff.py zoo:shapes-multi [--n 64] [--scales text=4,layout=0 ...]
+Usage: python scripts/guidance_tradeoff.py zoo:shapes-multi [--n 64] [--scales caption=4,boxes=0 ...]
                                            [--out docs/images/guidance-tradeoff.png] [--json FILE]
 
 Image i is asked for the caption of held-out scene i and, at the same time, the layout boxes of scene
 i + n, another scene, so the two conditions usually cannot both hold. Each ``--scales`` setting samples
 the same n requests (DDIM 50, seed 0) with per-conditioner guidance (Liu et al. 2022, Eq. 9;
-docs/composing.md), ``ε = ε(∅) + s_text (ε(text) − ε(∅)) + s_layout (ε(layout) − ε(∅))``, and scores
+docs/composing.md), ``ε = ε(∅) + s_caption (ε(caption) − ε(∅)) + s_boxes (ε(boxes) − ε(∅))``, and scores
 each condition against its own scene: ``caption_acc`` (the caption's objects, sizes and relation) and
 ``miou`` (the boxes). Raising one scale and lowering the other should move both numbers. The picture
 has a row per setting over the first requests' samples, under a row of the boxes asked (drawn).
@@ -26,16 +26,16 @@ from ldmkit.data.preview import condition_panel, image_rows
 from ldmkit.metrics.shapes import caption_acc, layout_scores
 from ldmkit.models.ldm import tensor_to_images
 
-DEFAULT_SCALES = ("text=4,layout=0", "text=3,layout=1", "text=2,layout=2", "text=1,layout=3", "text=0,layout=4")
+DEFAULT_SCALES = ("caption=4,boxes=0", "caption=3,boxes=1", "caption=2,boxes=2", "caption=1,boxes=3", "caption=0,boxes=4")
 
 
 def parse_scales(text: str) -> dict[str, float]:
-    """``"text=3,layout=1"`` -> ``{"text": 3.0, "layout": 1.0}``."""
+    """``"caption=3,boxes=1"`` -> ``{"caption": 3.0, "boxes": 1.0}`` (conditioner names or condition keys)."""
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep:
-            raise SystemExit(f"--scales {text!r}: expected NAME=SCALE[,NAME=SCALE...], e.g. text=3,layout=1")
+            raise SystemExit(f"--scales {text!r}: expected NAME=SCALE[,NAME=SCALE...], e.g. caption=3,boxes=1")
         try:
             out[name.strip()] = float(value)
         except ValueError:

@@ -282,6 +282,21 @@ def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae
     only_vector = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 0.0, "class_vec": 3.0})
     neither = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 0.0, "class_vec": 0.0})
     assert not torch.allclose(only_tokens, neither) and not torch.allclose(only_vector, neither)
+    # a condition key as the guidance name guides every conditioner reading it as one: here both are
+    # all the conditioners, so {label: s} is the joint form with scale s, and differs from guiding each apart
+    by_key = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"label": 3.0})
+    torch.testing.assert_close(by_key, model.sample({"label": [1, 2]}, steps=3, seed=5, guidance=3.0))
+    apart = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 1.5, "class_vec": 1.5})
+    assert not torch.allclose(by_key, apart)
+    stored = load_config({**cfg.model_dump(mode="json"), "guidance": {"label": 3.0}}, type(cfg))  # a default too
+    assert stored.guidance == {"label": 3.0}
+    with pytest.raises(ValueError, match=r"guidance names unknown conditioner\(s\) 'caption'.*condition key: label"):
+        load_config({**cfg.model_dump(mode="json"), "guidance": {"caption": 3.0}}, type(cfg))
+    with pytest.raises(ValueError, match="class is given a scale twice"):
+        model.sample({"label": [1, 2]}, steps=3, guidance={"label": 3.0, "class": 1.0})
+    with pytest.raises(ValueError, match=r"unknown conditioner\(s\) 'caption'; this model has: class, class_vec "
+                                         r"\(or a condition key: label\)"):
+        model.sample({"label": [1, 2]}, steps=3, guidance={"caption": 3.0})
     # a negative condition with no positive one steers away from it (it replaces the null baseline)
     uncond = model.sample(None, n=2, steps=3, seed=5)
     away = model.sample(None, n=2, steps=3, seed=5, negative={"label": [1, 1]}, guidance=3.0)

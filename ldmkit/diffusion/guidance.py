@@ -9,7 +9,8 @@ Diffusion Models", arXiv:2206.01714, Eq. 9; DESIGN §2)::
 
     ε = ε(∅) + Σ_i s_i · (ε(c_i) − ε(∅))
 
-where ``ε(c_i)`` keeps only conditioner ``i`` and gives every other one its baseline value. The
+where ``ε(c_i)`` keeps only conditioner ``i`` (or, named by a condition key, every conditioner reading that
+key) and gives every other one its baseline value. The
 baseline ``∅`` is each conditioner's ``null`` — or, with *negative conditioning*, a given condition
 in its place (``negative_outputs``), and conditioners listed in ``always`` keep their real output in
 every branch, the baseline included (e.g. an inpainting or super-resolution model's concatenated
@@ -66,7 +67,9 @@ class GuidedDenoiser:
         stack: the :class:`~ldmkit.conditioning.ConditioningStack` that produced ``outputs``.
         outputs: ``{name: ConditionOutput}`` from ``stack.encode(batch)`` — computed once per sample.
         scales: a float for the joint form, or ``{name: s_i}`` for the per-conditioner form (every
-            name in ``outputs`` must then appear in ``scales`` or in ``always``; scale 0 drops it).
+            name in ``outputs`` must then appear in ``scales`` or in ``always``; scale 0 drops it). A
+            name may also be a condition key (e.g. ``caption``): its branch keeps every conditioner that
+            reads that key together, e.g. two text towers on one caption guided as one condition.
         negative_outputs: ``{name: ConditionOutput}`` used instead of the null for those conditioners
             in the baseline branch (negative prompts).
         always: conditioners kept (real output) in every branch, baseline included.
@@ -115,16 +118,24 @@ class GuidedDenoiser:
         variants: list[tuple[str, float, dict[str, ConditionOutput]]] = []
         if isinstance(scales, Mapping):
             scale_map = {n: _check_scale(s, n) for n, s in scales.items()}
-            unknown = [n for n in scale_map if n not in known]
+            readers = stack.accepted_keys()
+            members = {n: [n] if n in known else readers.get(n, []) for n in scale_map}  # a batch key: its readers
+            unknown = [n for n, m in members.items() if not m]
             if unknown:
-                raise KeyError(f"scales: no conditioner named {', '.join(map(repr, unknown))}; this model has: {allowed}")
-            unknown = [n for n in scale_map if n not in outputs]
+                keys = ", ".join(k for k in readers if k not in known)
+                raise KeyError(f"scales: no conditioner named {', '.join(map(repr, unknown))}; this model has: {allowed}"
+                               + (f" (or a condition key: {keys})" if keys else ""))
+            unknown = [n for n, m in members.items() if any(c not in outputs for c in m)]
             if unknown:
                 raise KeyError(f"scales: {', '.join(map(repr, unknown))} not in outputs; given: {', '.join(outputs)}")
-            clash = [n for n in scale_map if n in always]
+            clash = [n for n, m in members.items() if any(c in always for c in m)]
             if clash:
                 raise ValueError(f"scales: {', '.join(clash)} is in always (kept in every branch), so it cannot be guided")
-            unguided = [n for n in outputs if n not in scale_map and n not in always]
+            guided = [c for m in members.values() for c in m]
+            twice = sorted({c for c in guided if guided.count(c) > 1})
+            if twice:
+                raise ValueError(f"scales: {', '.join(twice)} is given a scale twice (by name and by its key)")
+            unguided = [n for n in outputs if n not in guided and n not in always]
             if unguided:
                 raise ValueError(
                     f"outputs given for {', '.join(unguided)} but no scale: give each a scale "
@@ -132,7 +143,7 @@ class GuidedDenoiser:
                 )
             variants.append((base_label, 1.0 - math.fsum(scale_map.values()), baseline))
             for name, s in scale_map.items():
-                variants.append((name, s, {**baseline, name: outputs[name]}))
+                variants.append((name, s, {**baseline, **{c: outputs[c] for c in members[name]}}))
             self.mode = "per_conditioner"
         else:
             s = _check_scale(scales, "scales")

@@ -176,7 +176,8 @@ class LatentDiffusion(nn.Module):
 
         ``conditions`` maps batch keys (``label``, ``caption``, ...) to one value per image; keys left
         out are unconditional (their nulls). ``guidance`` is one scale (joint form) or
-        ``{conditioner name: scale}`` (per-conditioner form); ``None`` uses the model's default
+        ``{conditioner name: scale}`` (per-conditioner form; a condition key such as ``caption`` as the name
+        guides every conditioner reading it as one); ``None`` uses the model's default
         (``config.guidance``). ``height``/``width`` larger than the
         training size sample convolutionally (paper §4.3.2).
 
@@ -257,22 +258,29 @@ class LatentDiffusion(nn.Module):
                     scales = guidance
                     if isinstance(guidance, Mapping):
                         scales = {k: v for k, v in guidance.items()}
-                        unknown = [k for k in scales if k not in self.stack.names]
+                        readers = self.stack.accepted_keys()
+                        members = {k: [k] if k in self.stack.names else readers.get(k, []) for k in scales}
+                        unknown = [k for k, m in members.items() if not m]
                         if unknown:
+                            keys = ", ".join(k for k in readers if k not in self.stack.names)
                             raise ValueError(
                                 f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
                                 f"this model has: {', '.join(self.stack.names)}"
+                                + (f" (or a condition key: {keys})" if keys else "")
                             )
-                        ungiven = [k for k in scales if k not in outputs and scales[k] != 0]
+                        ungiven = [k for k, m in members.items() if any(c not in outputs for c in m) and scales[k] != 0]
                         if explicit_guidance and ungiven:
-                            keys = {self.stack.conditioners[k].key for k in ungiven}
+                            keys = {self.stack.conditioners[c].key for k in ungiven for c in members[k]}
                             raise ValueError(
                                 f"guidance for {', '.join(map(repr, ungiven))}, but no value was given for the key(s) "
                                 f"{', '.join(sorted(keys))} they read; give those conditions or drop their scales"
                             )
+                        covered = {c for m in members.values() for c in m}
                         for name in outputs:
-                            scales.setdefault(name, 1.0)
-                        scales = {k: v for k, v in scales.items() if k in outputs}
+                            if name not in covered:
+                                scales[name] = 1.0
+                        scales = {k: v for k, v in scales.items()
+                                  if all(c in outputs for c in members.get(k, [k]))}
                     model_fn = GuidedDenoiser(self.unet, self.stack, outputs, scales, negative_outputs=neg)
             else:
                 def model_fn(x: Tensor, t: Tensor) -> Tensor:
