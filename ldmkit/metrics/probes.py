@@ -24,6 +24,7 @@ Sdf = Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # (dx, dy, r) -> si
 
 
 def rounded_square(dx: np.ndarray, dy: np.ndarray, r: float, k: float = 0.45) -> np.ndarray:
+    """Signed distance of a square of half side r whose corners are rounded with radius k r."""
     rc = k * r
     qx, qy = np.abs(dx) - (r - rc), np.abs(dy) - (r - rc)
     outside = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0))
@@ -83,6 +84,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def paint(img: np.ndarray, sdf: Sdf, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
+    """Blend a shape given by its signed distance into ``img`` (float, H x W x 3) with the world's anti-aliasing."""
     pix = np.arange(img.shape[0], dtype=np.float64) + 0.5
     cov = np.clip(0.5 - sdf(pix[None, :] - cx, pix[:, None] - cy, r), 0.0, 1.0)
     img += cov[..., None] * (colour - img)
