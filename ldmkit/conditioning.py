@@ -272,6 +272,15 @@ class ConditioningStack(nn.Module):
             keys.setdefault(c.key, []).append(c.name)
         return keys
 
+    def guided_names(self, name: str) -> list[str]:
+        """The conditioners a guidance scale named ``name`` covers: that conditioner, or every conditioner
+        reading the condition key ``name`` (names win over keys); empty if neither."""
+        return [name] if name in self.conditioners else self.names_for([name])
+
+    def guidance_keys(self) -> list[str]:
+        """Condition keys usable as guidance names (those that are not also a conditioner's name)."""
+        return [k for k in self.accepted_keys() if k not in self.conditioners]
+
     def names_for(self, keys: Iterable[str]) -> list[str]:
         """The conditioners that read any of ``keys``, in stack order."""
         wanted = set(keys)

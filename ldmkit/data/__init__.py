@@ -8,7 +8,7 @@ used, so a missing optional package (scikit-learn, scikit-image) or font only ma
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +26,6 @@ DATASETS: dict[str, str] = {
 _OWN_DATA_SPLITS = ("train", "all")
 
 
-def _shapes(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
-    from ldmkit.data.shapes import ShapesWorld
-
-    return ShapesWorld(split=split, size=size, seed=seed, **kw)
-
-
-def _emoji(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
-    from ldmkit.data.emoji import EmojiDataset
-
-    return EmojiDataset(split=split, size=size, **kw)  # deterministic: no seed
-
-
-def _digits(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
-    from ldmkit.data.digits import DigitsDataset
-
-    return DigitsDataset(split=split, size=size, **kw)  # deterministic: no seed
-
-
-def _photos(split: str, size: int, seed: int, **kw: Any) -> Sequence[Sample]:
-    from ldmkit.data.photos import PhotosDataset
-
-    return PhotosDataset(split=split, size=size, seed=seed, **kw)
-
-
-_BUILDERS: dict[str, Callable[..., Sequence[Sample]]] = {
-    "shapes": _shapes,
-    "emoji": _emoji,
-    "digits": _digits,
-    "photos": _photos,
-}
-
-
 def _dataset_class(name: str) -> Any:
     from importlib import import_module
 
@@ -65,7 +33,8 @@ def _dataset_class(name: str) -> Any:
     return getattr(import_module(module), cls)
 
 
-#: The class behind each built-in data set (its keyword arguments besides split/size/seed are its options).
+#: The class behind each built-in data set (its keyword arguments besides split/size/seed are its options;
+#: deterministic sets take no seed).
 _CLASSES: dict[str, str] = {
     "shapes": "ldmkit.data.shapes.ShapesWorld",
     "emoji": "ldmkit.data.emoji.EmojiDataset",
@@ -78,15 +47,21 @@ def dataset_options(name: str) -> tuple[str, ...]:
     """The extra keyword options a built-in data set takes (``load_dataset(name, ..., **options)``)."""
     import inspect
 
-    params = inspect.signature(_dataset_class(name).__init__).parameters
-    return tuple(p for p in params if p not in ("self", "split", "size", "seed"))
+    return tuple(p for p in inspect.signature(_dataset_class(name).__init__).parameters
+                 if p not in ("self", "split", "size", "seed"))
 
 
-def _check_options(name: str, kw: dict[str, Any]) -> None:
-    unknown = sorted(set(kw) - set(dataset_options(name)))
+def _build(name: str, split: str, size: int | None, seed: int, kw: dict[str, Any]) -> Sequence[Sample]:
+    """Check ``kw`` against the data set's options, then make it (``seed`` only for the random ones)."""
+    import inspect
+
+    options = dataset_options(name)
+    unknown = sorted(set(kw) - set(options))
     if unknown:
-        allowed = ", ".join(dataset_options(name)) or "none"
-        raise ValueError(f"data set {name!r} has no option {unknown[0]!r}; its options: {allowed}")
+        raise ValueError(f"data set {name!r} has no option {unknown[0]!r}; its options: {', '.join(options) or 'none'}")
+    cls = _dataset_class(name)
+    seeded = "seed" in inspect.signature(cls.__init__).parameters
+    return cls(split=split, size=size, **({"seed": seed} if seeded else {}), **kw)
 
 
 def load_dataset(
@@ -111,9 +86,8 @@ def load_dataset(
         path = rest
     elif text.endswith(".jsonl"):
         kind, path = "manifest", text
-    elif text in _BUILDERS:
-        _check_options(text, kw)
-        return _BUILDERS[text](split, size, seed, **kw)
+    elif text in _CLASSES:
+        return _build(text, split, size, seed, kw)
     else:
         allowed = ", ".join([*DATASETS, "folder:PATH", "manifest:PATH", "PATH.jsonl"])
         raise ValueError(f"unknown data set {text!r}; allowed: {allowed}")

@@ -118,11 +118,10 @@ class GuidedDenoiser:
         variants: list[tuple[str, float, dict[str, ConditionOutput]]] = []
         if isinstance(scales, Mapping):
             scale_map = {n: _check_scale(s, n) for n, s in scales.items()}
-            readers = stack.accepted_keys()
-            members = {n: [n] if n in known else readers.get(n, []) for n in scale_map}  # a batch key: its readers
+            members = {n: stack.guided_names(n) for n in scale_map}
             unknown = [n for n, m in members.items() if not m]
             if unknown:
-                keys = ", ".join(k for k in readers if k not in known)
+                keys = ", ".join(stack.guidance_keys())
                 raise KeyError(f"scales: no conditioner named {', '.join(map(repr, unknown))}; this model has: {allowed}"
                                + (f" (or a condition key: {keys})" if keys else ""))
             unknown = [n for n, m in members.items() if any(c not in outputs for c in m)]

@@ -258,11 +258,10 @@ class LatentDiffusion(nn.Module):
                     scales = guidance
                     if isinstance(guidance, Mapping):
                         scales = {k: v for k, v in guidance.items()}
-                        readers = self.stack.accepted_keys()
-                        members = {k: [k] if k in self.stack.names else readers.get(k, []) for k in scales}
+                        members = {k: self.stack.guided_names(k) for k in scales}
                         unknown = [k for k, m in members.items() if not m]
                         if unknown:
-                            keys = ", ".join(k for k in readers if k not in self.stack.names)
+                            keys = ", ".join(self.stack.guidance_keys())
                             raise ValueError(
                                 f"guidance for unknown conditioner(s) {', '.join(map(repr, unknown))}; "
                                 f"this model has: {', '.join(self.stack.names)}"
@@ -279,8 +278,7 @@ class LatentDiffusion(nn.Module):
                         for name in outputs:
                             if name not in covered:
                                 scales[name] = 1.0
-                        scales = {k: v for k, v in scales.items()
-                                  if all(c in outputs for c in members.get(k, [k]))}
+                        scales = {k: v for k, v in scales.items() if all(c in outputs for c in members.get(k, [k]))}
                     model_fn = GuidedDenoiser(self.unet, self.stack, outputs, scales, negative_outputs=neg)
             else:
                 def model_fn(x: Tensor, t: Tensor) -> Tensor:
