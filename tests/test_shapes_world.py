@@ -67,6 +67,7 @@ def test_sequence_protocol() -> None:
 @pytest.mark.parametrize("kwargs, word", [
     ({"split": "test"}, "split"), ({"size": 30}, "size"), ({"size": 8}, "size"), ({"seed": -1}, "seed"),
     ({"length": 0}, "length"), ({"only_captioned": "yes"}, "only_captioned"),
+    ({"only_captioned": 1.5}, "only_captioned"), ({"only_captioned": 1}, "only_captioned"),
 ])
 def test_bad_arguments_name_the_argument(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
@@ -203,3 +204,26 @@ def test_only_captioned_draws_exactly_the_caption() -> None:
     samples = [only[i] for i in range(80)]
     assert caption_acc(samples, [s.image for s in samples]) == 1.0
     assert "only_captioned=True" in repr(only)
+
+
+def test_only_captioned_fraction_mixes_whole_scenes() -> None:
+    """only_captioned=0.5: each scene is either its full self or its only-captioned self (never anything
+    else), about half of each, the choice fixed per index; 0.0 and 1.0 are the two plain worlds."""
+    full = ShapesWorld("train", seed=0)
+    only = ShapesWorld("train", seed=0, only_captioned=True)
+    half = ShapesWorld("train", seed=0, only_captioned=0.5)
+    n, reduced = 200, 0
+    for i in range(n):
+        h, f, o = half[i], full[i], only[i]
+        assert h.caption == f.caption
+        same_full = np.array_equal(h.image, f.image) and h.meta["objects"] == f.meta["objects"]
+        same_only = np.array_equal(h.image, o.image) and h.meta["objects"] == o.meta["objects"]
+        assert same_full or same_only
+        if same_only and not same_full:
+            reduced += 1
+    differing = sum(len(full[i].meta["objects"]) != len(only[i].meta["objects"]) for i in range(n))
+    assert 0.35 * differing < reduced < 0.65 * differing  # about half of the scenes that can differ do
+    assert digest([half[i] for i in range(20)]) == digest([ShapesWorld("train", only_captioned=0.5)[i] for i in range(20)])
+    assert digest([ShapesWorld("train", only_captioned=0.0)[i] for i in range(20)]) == digest([full[i] for i in range(20)])
+    assert digest([ShapesWorld("train", only_captioned=1.0)[i] for i in range(20)]) == digest([only[i] for i in range(20)])
+    assert "only_captioned=0.5" in repr(half)

@@ -279,20 +279,36 @@ def _check_args(split: str, size: int, seed: int) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def make_scene(seed: int, split: str, index: int, size: int = 32, only_captioned: bool = False) -> Sample:
+def _coin(seed: int, split: str, index: int) -> float:
+    """A uniform number in [0, 1) for scene ``index``, from a stream apart from the scene's own."""
+    return float(np.random.Generator(np.random.PCG64(
+        np.random.SeedSequence([seed, SPLIT_CODE[split], index, 1]))).random())
+
+
+def _captioned_fraction(value: bool | float) -> float:
+    """``only_captioned`` as the fraction of scenes drawn with only their captioned objects (True: 1.0)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return value
+    raise ValueError(f"only_captioned must be true, false or a fraction of scenes between 0.0 and 1.0, "
+                     f"got {value!r}")
+
+
+def make_scene(seed: int, split: str, index: int, size: int = 32, only_captioned: bool | float = False) -> Sample:
     """Scene ``index`` of ``split`` for ``seed``, as a fully annotated :class:`Sample`.
 
     ``only_captioned``: draw only the objects the caption mentions (the others of the scene are left out;
     caption, kept objects' places and the random stream are those of the full scene), so the caption
-    describes the whole image.
+    describes the whole image. A float ``p`` in [0, 1] does so for a fraction ``p`` of the scenes, chosen
+    per index by a stream of its own (a scene is either its full self or its ``only_captioned=True`` self).
     """
     _check_args(split, size, seed)
-    if not isinstance(only_captioned, bool):
-        raise ValueError(f"only_captioned must be true or false, got {only_captioned!r}")
+    fraction = _captioned_fraction(only_captioned)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLIT_CODE[split], index])))
     objs = _draw_objects(rng, size, split)
     caption, cap = _draw_caption(rng, objs, split)
-    if only_captioned:
+    if fraction == 1.0 or (fraction > 0.0 and _coin(seed, split, index) < fraction):
         objs = [objs[i] for i in cap["objects"]]
         cap = {**cap, "objects": list(range(len(objs)))}
     u = rng.random(6)
@@ -369,17 +385,17 @@ class ShapesWorld(Sequence[Sample]):
         seed: selects the world; scene ``i`` depends only on ``(seed, split, i, size)``.
         length: number of scenes (default 1,000,000 for training splits, 100,000 for eval splits).
         only_captioned: draw only the objects each caption mentions (see :func:`make_scene`): training
-            data whose captions describe the whole image.
+            data whose captions describe the whole image; a float in [0, 1] does so for that fraction of
+            the scenes (e.g. 0.5 for a composed model whose layout and semantic maps also need full scenes).
     """
 
     def __init__(self, split: str = "train", size: int = 32, seed: int = 0, length: int | None = None,
-                 only_captioned: bool = False):
+                 only_captioned: bool | float = False):
         _check_args(split, size, seed)
         length = DEFAULT_LENGTH[split] if length is None else length
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
-        if not isinstance(only_captioned, bool):
-            raise ValueError(f"only_captioned must be true or false, got {only_captioned!r}")
+        _captioned_fraction(only_captioned)
         self.split, self.size, self.seed, self.length = split, size, seed, length
         self.only_captioned = only_captioned
 
@@ -400,5 +416,5 @@ class ShapesWorld(Sequence[Sample]):
         return (self[i] for i in range(self.length))
 
     def __repr__(self) -> str:
-        extra = ", only_captioned=True" if self.only_captioned else ""
+        extra = f", only_captioned={self.only_captioned!r}" if self.only_captioned else ""
         return f"ShapesWorld(split={self.split!r}, size={self.size}, seed={self.seed}, length={self.length}{extra})"
