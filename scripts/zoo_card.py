@@ -1,7 +1,7 @@
 """Add a trained model to the zoo: copy its weights and recipe, run its eval, write its card.
 
 Usage: python scripts/zoo_card.py NAME RUN_DIR RECIPE.yaml --suite SUITE [--suite SUITE2 ...] [--n N]
-       --description "..." [--eval-args "--sampler ddim --steps 50"]
+       --description "..." [--eval-args "--sampler ddim --steps 50"] [--continues] [--train-command "..."]
        python scripts/zoo_card.py NAME [NAME ...] --refresh-evals
 
 ``--refresh-evals`` re-runs the eval commands already on the named cards and replaces their results
@@ -11,7 +11,8 @@ The card (ldmkit/zoo/NAME.json) records the training command, steps, wall-clock 
 run's log), parameter count, file size, the machine, and the `ldmkit eval ... --json` result, which is
 re-run here against the copied zoo file so the card describes exactly what ships. A model evaluated on
 several suites (a composed one) gets the first as ``eval``/``eval_command`` and all of them under
-``evals``/``eval_commands``.
+``evals``/``eval_commands``. A model trained in stages, each from the last one's weights: ``--continues``
+adds the current card's steps and minutes to this run's, ``--train-command`` gives every stage's command.
 """
 
 from __future__ import annotations
@@ -89,7 +90,12 @@ def main() -> None:
     p.add_argument("--eval-args", default="")
     p.add_argument("--weights", type=Path, default=None,
                    help="the model file (default RUN_DIR/model.safetensors; e.g. one written by `ldmkit export`)")
+    p.add_argument("--continues", action="store_true",
+                   help="this run continued the current zoo:NAME (init_from): its card's steps and minutes are added")
+    p.add_argument("--train-command", default=None,
+                   help="the whole reproduction, every stage (default: ldmkit train ldmkit/zoo/NAME.yaml)")
     args = p.parse_args()
+    prior = json.loads((ZOO / f"{args.name}.json").read_text()) if args.continues else {}
 
     log = [json.loads(line) for line in (args.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in log if r.get("event") == "start")
@@ -97,6 +103,9 @@ def main() -> None:
     meta = read_metadata(weights)
     steps = int(meta.get("ldmkit.train_steps") or next(r for r in log if r.get("event") == "done")["step"])
     minutes = _train_minutes(log, steps)
+    if prior:
+        steps += int(prior["steps"])
+        minutes = None if minutes is None or prior.get("train_minutes") is None else minutes + prior["train_minutes"]
     dst = ZOO / f"{args.name}.safetensors"
     write_atomic(dst, Path(weights).read_bytes())  # a killed run leaves the previous zoo file whole
     os.chmod(dst, 0o644)
@@ -110,7 +119,7 @@ def main() -> None:
         "name": args.name,
         "description": args.description,
         "recipe": f"ldmkit/zoo/{args.name}.yaml",
-        "train_command": f"ldmkit train ldmkit/zoo/{args.name}.yaml",
+        "train_command": args.train_command or f"ldmkit train ldmkit/zoo/{args.name}.yaml",
         "steps": steps,
         "train_minutes": None if minutes is None else round(minutes, 1),
         "parameters": shipped_parameters(dst, start.get("params") or start.get("parameters")),
