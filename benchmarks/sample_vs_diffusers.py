@@ -26,12 +26,13 @@ class). Both sides draw their initial noise the same way (a CPU generator seeded
 agree.
 
 Times are wall clock of the whole generation of each side (conditioning, sampling, decoding, conversion to
-uint8 images), after one small warm-up call of each, with ``torch.set_num_threads(--threads)``. The ratio
+uint8 images), after one small warm-up call of each, with ``torch.set_num_threads(--threads)``; with
+``--device cuda`` both sides run on the GPU (the UNets are built and compared on the CPU first). The ratio
 is diffusers time / ldmkit time, so above 1 means ldmkit is faster. The last line of output is one JSON
 object.
 
-Usage: python benchmarks/sample_vs_diffusers.py [--n 256] [--steps 50] [--threads 2]
-       [--ldmkit-options '{"precision": "bf16"}'] [--ldmkit-batch 64] [--diffusers-batch 64]
+Usage: python benchmarks/sample_vs_diffusers.py [--n 256] [--steps 50] [--threads 2] [--device cpu|cuda]
+       [--ldmkit-options '{"precision": "bf16"}' | '{"cuda_graph": true}'] [--ldmkit-batch 64] [--diffusers-batch 64]
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, ldmkit sample's default)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides sample (default cpu)")
     p.add_argument("--ldmkit-options", default="{}", metavar="JSON",
                    help="extra keyword arguments for ldmkit's model.sample, e.g. '{\"precision\": \"bf16\"}'")
     p.add_argument("--ldmkit-batch", type=int, default=None, help="images per ldmkit chunk (default: ldmkit sample's 64)")
@@ -345,6 +347,9 @@ def main() -> None:
           f"max |ldmkit - diffusers| on random inputs: {diff:.3g}")
     if diff >= 1e-4:
         raise SystemExit(f"the UNets disagree (max abs diff {diff:.3g} >= 1e-4): the weight mapping is wrong")
+    if args.device != "cpu":
+        model = ldmkit.load(MODEL, device=args.device)
+        dunet = dunet.to(args.device)
 
     scheduler = build_scheduler(model.schedule)
     cmp = compare_schedules(model.schedule, scheduler, args.steps, options)
@@ -386,6 +391,7 @@ def main() -> None:
     print(f"diffusers / ldmkit time: {speedup:.3f} (above 1: ldmkit is faster)")
     print(json.dumps({
         "benchmark": "sample_vs_diffusers", "model": MODEL, "n": args.n, "steps": args.steps, "guidance": guidance,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "unet_max_abs_diff": diff, "timesteps_match": cmp["timesteps_match"],
         "ldmkit_seconds": round(seconds["ldmkit"], 2), "diffusers_seconds": round(seconds["diffusers"], 2),

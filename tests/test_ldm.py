@@ -270,6 +270,32 @@ def test_file_roundtrip_and_sampling(ae_path, tmp_path):
         again.sample({"caption": ["a red circle"]}, steps=2)
 
 
+def test_cuda_graph_is_refused_off_cuda_and_gives_the_plain_images_on_it(ae_path, tmp_path):
+    cfg = train_cfg(ae_path, tmp_path / "x").model
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE)))
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_ldm(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device; this one is on cpu"):
+        load_ldm(path).sample({"label": [1]}, steps=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be true or false"):
+        load_ldm(path).sample({"label": [1]}, steps=2, cuda_graph="yes")
+    if not torch.cuda.is_available():
+        return  # the capture itself needs a GPU: scripts/gpu_smoke.py runs this test there
+    gpu = load_ldm(path, device="cuda")
+    for sampler in ("ddim", "dpmpp_2m"):
+        plain = gpu.sample({"label": [1, 2, 3]}, sampler=sampler, steps=4, seed=5)
+        graphed = gpu.sample({"label": [1, 2, 3]}, sampler=sampler, steps=4, seed=5, cuda_graph=True)
+        assert graphed.is_cuda and torch.allclose(plain, graphed, atol=1e-5), sampler
+    # chunks of another batch size capture again; per-conditioner guidance has more branches
+    gpu.max_batch = 2
+    plain = gpu.sample({"label": [1, 2, 3]}, steps=3, seed=1, guidance={"class": 3.0, "class_vec": 1.0})
+    graphed = gpu.sample({"label": [1, 2, 3]}, steps=3, seed=1, guidance={"class": 3.0, "class_vec": 1.0}, cuda_graph=True)
+    assert torch.allclose(plain, graphed, atol=1e-5)
+
+
 def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
     torch.manual_seed(0)
