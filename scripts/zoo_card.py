@@ -94,6 +94,8 @@ def main() -> None:
                    help="this run continued the current zoo:NAME (init_from): its card's steps and minutes are added")
     p.add_argument("--train-command", default=None,
                    help="the whole reproduction, every stage (default: ldmkit train ldmkit/zoo/NAME.yaml)")
+    p.add_argument("--trained-on", default=f"{platform.machine()} CPU, 2 cores shared with other work (times are upper bounds)",
+                   help="where it was trained (default: this machine's CPU); for a staged model, say where each stage ran")
     args = p.parse_args()
     prior = json.loads((ZOO / f"{args.name}.json").read_text()) if args.continues else {}
 
@@ -124,7 +126,7 @@ def main() -> None:
         "train_minutes": None if minutes is None else round(minutes, 1),
         "parameters": shipped_parameters(dst, start.get("params") or start.get("parameters")),
         "file_mb": round(dst.stat().st_size / 2**20, 2),
-        "trained_on": f"{platform.machine()} CPU, 2 cores shared with other work (times are upper bounds)",
+        "trained_on": args.trained_on,
         "eval_command": cmds[0],
         "eval": results[0],
         **({"eval_commands": cmds, "evals": results} if len(results) > 1 else {}),
