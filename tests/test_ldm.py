@@ -283,7 +283,7 @@ def test_cuda_graph_is_refused_off_cuda_and_gives_the_plain_images_on_it(ae_path
     with pytest.raises(ValueError, match="cuda_graph must be true or false"):
         load_ldm(path).sample({"label": [1]}, steps=2, cuda_graph="yes")
     if not torch.cuda.is_available():
-        return  # the capture itself needs a GPU: scripts/gpu_smoke.py runs this test there
+        return  # the capture itself needs a GPU: on one, this test runs it (and scripts/gpu_smoke.py checks it too)
     gpu = load_ldm(path, device="cuda")
     for sampler in ("ddim", "dpmpp_2m"):
         plain = gpu.sample({"label": [1, 2, 3]}, sampler=sampler, steps=4, seed=5)
