@@ -348,8 +348,7 @@ def main() -> None:
     if diff >= 1e-4:
         raise SystemExit(f"the UNets disagree (max abs diff {diff:.3g} >= 1e-4): the weight mapping is wrong")
     if args.device != "cpu":
-        model = ldmkit.load(MODEL, device=args.device)
-        dunet = dunet.to(args.device)
+        model, dunet = model.to(args.device), dunet.to(args.device)
 
     scheduler = build_scheduler(model.schedule)
     cmp = compare_schedules(model.schedule, scheduler, args.steps, options)

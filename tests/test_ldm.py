@@ -241,13 +241,19 @@ def test_two_process_ddp_equals_one_process(ae_path, tmp_path):
         assert torch.allclose(v, u, atol=1e-5, rtol=1e-4), k
 
 
-def test_file_roundtrip_and_sampling(ae_path, tmp_path):
-    cfg = train_cfg(ae_path, tmp_path / "x").model
+def perturbed_model(cfg) -> LatentDiffusion:
+    """A model of ``cfg`` (seed 0, tiny autoencoder) whose UNet weights are nudged off their initialization:
+    an untrained UNet's zero-initialized output ignores every condition."""
     torch.manual_seed(0)
     model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE)))
-    with torch.no_grad():  # an untrained UNet's zero-initialized output ignores every condition
+    with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_file_roundtrip_and_sampling(ae_path, tmp_path):
+    model = perturbed_model(train_cfg(ae_path, tmp_path / "x").model)
     path = save_ldm(model, tmp_path / "m.safetensors")
     again = load_ldm(path)
     a = model.eval().sample({"label": [1, 2]}, steps=3, seed=5)
@@ -271,13 +277,7 @@ def test_file_roundtrip_and_sampling(ae_path, tmp_path):
 
 
 def test_cuda_graph_is_refused_off_cuda_and_gives_the_plain_images_on_it(ae_path, tmp_path):
-    cfg = train_cfg(ae_path, tmp_path / "x").model
-    torch.manual_seed(0)
-    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE)))
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = save_ldm(model, tmp_path / "m.safetensors")
+    path = save_ldm(perturbed_model(train_cfg(ae_path, tmp_path / "x").model), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device; this one is on cpu"):
         load_ldm(path).sample({"label": [1]}, steps=2, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph must be true or false"):
@@ -298,11 +298,7 @@ def test_cuda_graph_is_refused_off_cuda_and_gives_the_plain_images_on_it(ae_path
 
 def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
-    torch.manual_seed(0)
-    model = LatentDiffusion(cfg, Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model(cfg).eval()
     assert model.stack.accepted_keys() == {"label": ["class", "class_vec"]}
     only_tokens = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 3.0, "class_vec": 0.0})
     only_vector = model.sample({"label": [1, 2]}, steps=3, seed=5, guidance={"class": 0.0, "class_vec": 3.0})
@@ -474,11 +470,7 @@ def test_inpainting_keeps_the_known_region_with_any_sampler(ae_path, tmp_path):
 
     data = train_cfg(ae_path, tmp_path / "x").model.model_dump()
     data["conditioning"]["conditioners"] = [{"type": "inpaint", "dropout": 0.1}]
-    torch.manual_seed(0)
-    model = LatentDiffusion(load_config(data), Autoencoder(AutoencoderConfig(**TINY_AE))).eval()
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model(load_config(data)).eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), bool)
