@@ -8,10 +8,15 @@ eval and for held-out captions separately:
 - one-object captions whose object is drawn (colour and shape; ``..._at_size`` also the size word);
 - two-object captions with both objects drawn, and with the held-out (first) / second object drawn;
 - among two-object images with both objects drawn at the asked sizes, those whose relation holds — the
-  relation rate on its own, apart from whether the objects were drawn.
+  relation rate on its own, apart from whether the objects were drawn;
+- for a two-object caption whose first object is not drawn, what is there instead (besides whatever
+  realizes the second mention): a recognisable object of the asked colour but another shape
+  (``first_missed_colour_kept``), of the asked shape but another colour (``first_missed_shape_kept``),
+  or neither (``first_missed_neither``).
 
 ``--reference`` scores the ground-truth images instead (the parser's ceiling: every count is full) and
-``--shuffled`` another scene's (the floor). Prints a table; ``--json`` writes the counts.
+``--shuffled`` another scene's (the floor). Prints a table; ``--json`` writes the counts; ``--sheet OUT.png``
+draws the first eight held-out two-object captions: the scene, then four samples each.
 """
 
 from __future__ import annotations
@@ -51,10 +56,31 @@ def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval
         c["first_drawn"] += first
         c["second_drawn"] += second
         c["both_drawn"] += first and second
+        if not first:
+            c["first_missed_" + _instead(want[0], want[1], objs)] += 1
         if drawn(want[0], True) and drawn(want[1], True):
             c["both_drawn_at_size"] += 1
             c["relation_holds_given_both"] += mentions_hold(want, relation, objs)
     return {k: dict(v) for k, v in out.items()}
+
+
+def _sheet(out: Path, conditions: list[Sample], generate: Any, per: int = 4) -> None:
+    """Rows: the caption's scene, then ``per`` samples of the caption (DDIM, as the counts)."""
+    from ldmkit.data.preview import image_rows
+
+    images = generate([c for c in conditions for _ in range(per)])
+    rows = [np.stack([c.image, *images[per * i : per * (i + 1)]]) for i, c in enumerate(conditions)]
+    image_rows(rows, [c.caption for c in conditions], scale=3).save(out)
+
+
+def _instead(miss: dict[str, Any], other: dict[str, Any], objs: list) -> str:
+    """What stands in for a mention that was not drawn: its colour kept, its shape kept, or neither."""
+    rest = [o for o in objs if o.recognisable and not (o.colour == other["colour"] and o.shape == other["shape"])]
+    if any(o.colour == miss["colour"] for o in rest):
+        return "colour_kept"
+    if any(o.shape == miss["shape"] for o in rest):
+        return "shape_kept"
+    return "neither"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true")
     p.add_argument("--shuffled", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--sheet", type=Path, default=None, help="a PNG of held-out two-object captions and samples")
     args = p.parse_args(argv)
     if (args.model is None) == (not (args.reference or args.shuffled)) or (args.reference and args.shuffled):
         p.error("give a MODEL, or one of --reference / --shuffled without a model")
@@ -82,12 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         generate = diffusion_generator(load(args.model), sampler="ddim", steps=args.steps, guidance=args.guidance,
                                        seed=args.seed, options={"precision": args.precision}, keys=["caption"])
         images = generate(conditions)
+        if args.sheet:
+            _sheet(args.sheet, [c for c in conditions[args.n:] if len(caption_request(c)[0]) == 2][:8], generate)
     counts = breakdown(conditions, images, args.n)
     for group, c in counts.items():
         print(f"{group}: one object drawn {c.get('one_object_drawn', 0)}/{c.get('one_object', 0)}; two objects: "
               f"both drawn {c.get('both_drawn', 0)}/{c.get('two_objects', 0)} (first {c.get('first_drawn', 0)}, "
               f"second {c.get('second_drawn', 0)}); relation holds {c.get('relation_holds_given_both', 0)}/"
-              f"{c.get('both_drawn_at_size', 0)} of those drawn at the asked sizes")
+              f"{c.get('both_drawn_at_size', 0)} of those drawn at the asked sizes; first missed: colour kept "
+              f"{c.get('first_missed_colour_kept', 0)}, shape kept {c.get('first_missed_shape_kept', 0)}, neither "
+              f"{c.get('first_missed_neither', 0)}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "guidance": args.guidance,
                                          "counts": counts}, indent=2) + "\n")

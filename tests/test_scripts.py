@@ -75,6 +75,10 @@ def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_p
         assert c["both_drawn"] == c["both_drawn_at_size"] == c["relation_holds_given_both"] == c["two_objects"] > 0
     other = breakdown(conds, [conds[j].image for j in derangement(len(conds), 0)], 40)
     assert sum(c.get("both_drawn", 0) for c in other.values()) < 0.3 * sum(c["two_objects"] for c in other.values())
+    missed = ("colour_kept", "shape_kept", "neither")  # every missed first object is put in one class
+    assert not any(k.startswith("first_missed") for c in truth.values() for k in c)
+    for c in other.values():
+        assert sum(c.get(f"first_missed_{k}", 0) for k in missed) == c["two_objects"] - c.get("first_drawn", 0) > 0
     out = tmp_path / "b.json"
     res = subprocess.run([sys.executable, str(ROOT / "scripts/caption_breakdown.py"), "--reference", "--n", "4",
                           "--json", str(out)], capture_output=True, text=True)
@@ -82,3 +86,22 @@ def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_p
     assert "relation holds" in res.stdout and json.loads(out.read_text())["counts"]["eval"]
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/caption_breakdown.py")], capture_output=True, text=True)
     assert bad.returncode != 0 and "--reference" in bad.stderr
+
+
+def test_caption_breakdown_says_what_stands_in_for_a_missed_object():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from caption_breakdown import _instead
+
+    from ldmkit.data.shapes import render_scene
+    from ldmkit.metrics.shapes import parse_scene
+
+    def scene(*objs):  # (shape, colour, centre x): two large objects side by side
+        return parse_scene(render_scene([{"shape": s, "colour": c, "r": 6.0, "cx": x, "cy": 16.0} for s, c, x in objs],
+                                        32)[0])
+
+    miss, other = {"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}
+    assert _instead(miss, other, scene(("square", "red", 8.0), ("square", "blue", 24.0))) == "colour_kept"
+    assert _instead(miss, other, scene(("circle", "green", 8.0), ("square", "blue", 24.0))) == "shape_kept"
+    assert _instead(miss, other, scene(("triangle", "green", 8.0), ("square", "blue", 24.0))) == "neither"
+    # the object that realizes the other mention does not count as a stand-in
+    assert _instead({"shape": "circle", "colour": "blue"}, other, scene(("square", "blue", 24.0))) == "neither"
