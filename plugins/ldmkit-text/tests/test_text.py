@@ -18,6 +18,7 @@ BAD = [3, None, 2.5, True, ["a red circle"], b"\xff\xfe", "a red\x00circle", "a 
 
 TestTextConformance = conformance_tests(SPEC, config=TINY, invalid_inputs=BAD)
 TestTextCausalConformance = conformance_tests(SPEC, config={**TINY, "causal": True}, invalid_inputs=BAD)
+TestTextNoBlocksConformance = conformance_tests(SPEC, config={**TINY, "layers": 0}, invalid_inputs=BAD)
 
 #: The longest caption the shapes world writes ("cyan" is two BPE tokens): 12 + start/end = 14.
 LONGEST_SHAPES_CAPTION = "a large cyan triangle right of a large cyan triangle"
@@ -342,3 +343,17 @@ def test_pruned_vocabulary_config_rules():
     assert TextConfig(vocabulary=[1, 2, 3]).vocab_size == 3
     with pytest.raises(ValueError, match="lacks the start and end token"):
         SPEC.build(TextConfig(**TINY, vocabulary=[1, 2, 3]), None)
+
+
+def test_a_tower_without_blocks_gives_each_word_features_of_its_own():
+    """layers: 0 -- a word's output depends on the word and its position only, not on its neighbours."""
+    c = build(layers=0)
+    assert len(c.tower.transformer.resblocks) == 0 and sum(p.numel() for p in c.parameters()) > 0
+    with torch.no_grad():
+        red, blue = c.encode(["a red circle", "a blue circle"]).value  # start, a, colour, circle, end
+    assert torch.equal(red[3], blue[3]) and not torch.allclose(red[2], blue[2])
+    with torch.no_grad():  # one block: "circle" reads its neighbours
+        red, blue = build(layers=1).encode(["a red circle", "a blue circle"]).value
+    assert not torch.allclose(red[3], blue[3])
+    with pytest.raises(ValueError, match="layers"):
+        TextConfig(**{**TINY, "layers": -1})

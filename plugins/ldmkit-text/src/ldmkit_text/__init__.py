@@ -73,7 +73,11 @@ class TextConfig(ConditionerConfig):
                     "Written by prune_vocabulary (a trained model keeps only the rows its data used)",
     )
     width: int = Field(default=128, ge=8, le=4096, description="transformer width = output token width d")
-    layers: int = Field(default=2, ge=1, le=64)
+    layers: int = Field(
+        default=2, ge=0, le=64,
+        description="self-attention blocks; 0: none -- each output token is its embedding plus its position "
+                    "(LayerNormed), so a word's features do not depend on the words around it",
+    )
     heads: int = Field(default=4, ge=1, le=64)
     mlp_ratio: float = Field(default=4.0, gt=0, le=16)
     causal: bool | None = Field(
@@ -163,10 +167,13 @@ class TextConditioner(Conditioner):
             vocab_size=config.vocab_size,
             width=config.width,
             heads=config.heads,
-            layers=config.layers,
+            layers=max(config.layers, 1),  # open_clip cannot build (initialize) a tower without blocks
             mlp_ratio=config.mlp_ratio,
             output_dim=config.width,
         )
+        if config.layers == 0:
+            self.tower.transformer.resblocks = nn.ModuleList()
+            self.tower.transformer.layers = 0
         # Per-token features only: the pooled projection and open_clip's own mask buffer are unused.
         self.tower.text_projection = None
         self.tower.attn_mask = None
