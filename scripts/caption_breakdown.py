@@ -1,6 +1,6 @@
 """Where a text model's captions fail: `shapes-caption` split into the cases that make up caption_acc.
 
-    python scripts/caption_breakdown.py MODEL [--n 100] [--guidance 6] [--precision bf16] [--json OUT]
+    python scripts/caption_breakdown.py MODEL [--n 100] [--guidance 6] [--precision bf16] [--json OUT] [--sheet OUT.png]
 
 Samples the suite's n eval and n held-out captions (DDIM, ``--steps``), parses every image and counts, for
 eval and for held-out captions separately:
@@ -9,10 +9,11 @@ eval and for held-out captions separately:
 - two-object captions with both objects drawn, and with the held-out (first) / second object drawn;
 - among two-object images with both objects drawn at the asked sizes, those whose relation holds — the
   relation rate on its own, apart from whether the objects were drawn;
-- for a two-object caption whose first object is not drawn, what is there instead (besides whatever
-  realizes the second mention): a recognisable object of the asked colour but another shape
-  (``first_missed_colour_kept``), of the asked shape but another colour (``first_missed_shape_kept``),
-  or neither (``first_missed_neither``).
+- for a two-object caption whose first object is not drawn, what is there instead (among the recognisable
+  objects that do not realize the second mention): its colour on one object and its shape on another
+  (``first_missed_swapped``: the attributes went to different objects), only its colour on another shape
+  (``first_missed_colour_kept``), only its shape in another colour (``first_missed_shape_kept``), or
+  neither (``first_missed_neither``: left out, or drawn unrecognisably).
 
 ``--reference`` scores the ground-truth images instead (the parser's ceiling: every count is full) and
 ``--shuffled`` another scene's (the floor). Prints a table; ``--json`` writes the counts; ``--sheet OUT.png``
@@ -74,13 +75,11 @@ def _sheet(out: Path, conditions: list[Sample], generate: Any, per: int = 4) -> 
 
 
 def _instead(miss: dict[str, Any], other: dict[str, Any], objs: list) -> str:
-    """What stands in for a mention that was not drawn: its colour kept, its shape kept, or neither."""
+    """What stands in for a mention that was not drawn: swapped, colour kept, shape kept, or neither."""
     rest = [o for o in objs if o.recognisable and not (o.colour == other["colour"] and o.shape == other["shape"])]
-    if any(o.colour == miss["colour"] for o in rest):
-        return "colour_kept"
-    if any(o.shape == miss["shape"] for o in rest):
-        return "shape_kept"
-    return "neither"
+    colour = any(o.colour == miss["colour"] for o in rest)
+    shape = any(o.shape == miss["shape"] for o in rest)
+    return "swapped" if colour and shape else "colour_kept" if colour else "shape_kept" if shape else "neither"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.model is None) == (not (args.reference or args.shuffled)) or (args.reference and args.shuffled):
         p.error("give a MODEL, or one of --reference / --shuffled without a model")
+    if args.sheet and args.model is None:
+        p.error("--sheet draws a model's samples: give a MODEL")
     conditions = suite_conditions("shapes-caption", args.n, args.seed)
     if args.reference:
         images = [c.image for c in conditions]
@@ -109,19 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         generate = diffusion_generator(load(args.model), sampler="ddim", steps=args.steps, guidance=args.guidance,
                                        seed=args.seed, options={"precision": args.precision}, keys=["caption"])
         images = generate(conditions)
-        if args.sheet:
-            _sheet(args.sheet, [c for c in conditions[args.n:] if len(caption_request(c)[0]) == 2][:8], generate)
     counts = breakdown(conditions, images, args.n)
     for group, c in counts.items():
         print(f"{group}: one object drawn {c.get('one_object_drawn', 0)}/{c.get('one_object', 0)}; two objects: "
               f"both drawn {c.get('both_drawn', 0)}/{c.get('two_objects', 0)} (first {c.get('first_drawn', 0)}, "
               f"second {c.get('second_drawn', 0)}); relation holds {c.get('relation_holds_given_both', 0)}/"
-              f"{c.get('both_drawn_at_size', 0)} of those drawn at the asked sizes; first missed: colour kept "
-              f"{c.get('first_missed_colour_kept', 0)}, shape kept {c.get('first_missed_shape_kept', 0)}, neither "
-              f"{c.get('first_missed_neither', 0)}")
+              f"{c.get('both_drawn_at_size', 0)} of those drawn at the asked sizes; first missed: swapped "
+              f"{c.get('first_missed_swapped', 0)}, colour kept {c.get('first_missed_colour_kept', 0)}, shape kept "
+              f"{c.get('first_missed_shape_kept', 0)}, neither {c.get('first_missed_neither', 0)}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "guidance": args.guidance,
                                          "counts": counts}, indent=2) + "\n")
+    if args.sheet:  # after the counts, so a failed drawing loses nothing
+        pairs = [c for c in conditions[args.n:] if len(caption_request(c)[0]) == 2][:8]
+        if pairs:
+            _sheet(args.sheet, pairs, generate)
+        else:
+            print(f"no held-out two-object caption among the first {args.n}; no sheet drawn", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ldmkit.config import LatentDiffusionConfig, load_config
 from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig
 from ldmkit.models.ldm import LatentDiffusion, save_ldm
@@ -44,7 +46,6 @@ def test_text_tower_hard_negatives_change_exactly_what_they_say():
         from pretrain_text_tower import KINDS, hard_negative
     finally:
         sys.path.pop(0)
-    import numpy as np
 
     from ldmkit.data.shapes import parse_caption
 
@@ -75,7 +76,7 @@ def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_p
         assert c["both_drawn"] == c["both_drawn_at_size"] == c["relation_holds_given_both"] == c["two_objects"] > 0
     other = breakdown(conds, [conds[j].image for j in derangement(len(conds), 0)], 40)
     assert sum(c.get("both_drawn", 0) for c in other.values()) < 0.3 * sum(c["two_objects"] for c in other.values())
-    missed = ("colour_kept", "shape_kept", "neither")  # every missed first object is put in one class
+    missed = ("swapped", "colour_kept", "shape_kept", "neither")  # every missed first object is in one class
     assert not any(k.startswith("first_missed") for c in truth.values() for k in c)
     for c in other.values():
         assert sum(c.get(f"first_missed_{k}", 0) for k in missed) == c["two_objects"] - c.get("first_drawn", 0) > 0
@@ -88,9 +89,10 @@ def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_p
     assert bad.returncode != 0 and "--reference" in bad.stderr
 
 
-def test_caption_breakdown_says_what_stands_in_for_a_missed_object():
+def test_caption_breakdown_says_what_stands_in_for_a_missed_object(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
-    from caption_breakdown import _instead
+    from caption_breakdown import _instead, _sheet
+    from PIL import Image
 
     from ldmkit.data.shapes import render_scene
     from ldmkit.metrics.shapes import parse_scene
@@ -100,8 +102,20 @@ def test_caption_breakdown_says_what_stands_in_for_a_missed_object():
                                         32)[0])
 
     miss, other = {"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}
+    # "a red circle ... a blue square" drawn as a red square and a blue circle: the attributes swapped
+    assert _instead(miss, other, scene(("square", "red", 8.0), ("circle", "blue", 24.0))) == "swapped"
     assert _instead(miss, other, scene(("square", "red", 8.0), ("square", "blue", 24.0))) == "colour_kept"
     assert _instead(miss, other, scene(("circle", "green", 8.0), ("square", "blue", 24.0))) == "shape_kept"
     assert _instead(miss, other, scene(("triangle", "green", 8.0), ("square", "blue", 24.0))) == "neither"
     # the object that realizes the other mention does not count as a stand-in
     assert _instead({"shape": "circle", "colour": "blue"}, other, scene(("square", "blue", 24.0))) == "neither"
+    # a blob of the right colour is not a recognisable object: neither
+    blob = np.full((32, 32, 3), 100, np.uint8)
+    blob[4:12, 2:30] = (255, 0, 0)  # a long red bar, no shape of the world
+    assert _instead(miss, other, parse_scene(blob)) == "neither"
+
+    from ldmkit.evaluate import suite_conditions
+
+    pairs = [c for c in suite_conditions("shapes-caption", 20)[20:] if len(c.meta["caption"]["objects"]) == 2][:3]
+    _sheet(tmp_path / "s.png", pairs, lambda cs: [c.image for c in cs], per=2)  # rows: scene + 2 samples
+    assert Image.open(tmp_path / "s.png").size[1] >= 3 * 32 * 3
