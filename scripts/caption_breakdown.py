@@ -76,7 +76,8 @@ def _sheet(out: Path, conditions: list[Sample], generate: Any, per: int = 4) -> 
 
 def _instead(miss: dict[str, Any], other: dict[str, Any], objs: list) -> str:
     """What stands in for a mention that was not drawn: swapped, colour kept, shape kept, or neither."""
-    rest = [o for o in objs if o.recognisable and not (o.colour == other["colour"] and o.shape == other["shape"])]
+    realized = mention_matches(other, objs, False)  # the second mention's own objects are not stand-ins
+    rest = [o for o in objs if o.recognisable and all(o is not r for r in realized)]
     colour = any(o.colour == miss["colour"] for o in rest)
     shape = any(o.shape == miss["shape"] for o in rest)
     return "swapped" if colour and shape else "colour_kept" if colour else "shape_kept" if shape else "neither"
