@@ -80,9 +80,9 @@ QUALITY = {
     # issue 11: pixel_acc >= 0.93 at n=200 (measured 0.994, miou 0.956, object_f1 0.956)
     # issue 11: psnr - psnr_bicubic >= 3 dB at n=200 (measured 31.83 - 27.07 = +4.77, lr_psnr 36.4)
     "shapes-sr": ("shapes-sr", 64, {"steps": 50}, {"psnr_gain": 3.5, "lr_psnr": 33.0}),
-    # issue 10: caption_acc >= 0.90, heldout >= 0.70 at n=200 NOT met (card: 0.86 / 0.605 at guidance 4, recognisable objects only);
-    # this guards the measured level
-    "shapes-text": ("shapes-caption", 64, {"steps": 50}, {"caption_acc": 0.72, "caption_acc_heldout": 0.45}),
+    # issue 10: caption_acc >= 0.90, heldout >= 0.70 at n=200 NOT met (card, stage 6: 0.895 / 0.68 at guidance 4,
+    # recognisable objects only); this guards the measured level (n = 64 reads 0.92 / 0.67)
+    "shapes-text": ("shapes-caption", 64, {"steps": 50}, {"caption_acc": 0.8, "caption_acc_heldout": 0.55}),
     # issue 10: honest, not good — retrieval among 64 held-out emoji: measured top1 0.078, top5 0.219 (chance 0.016)
     "emoji-text": ("emoji-text", 64, {"steps": 50}, {"retrieval_top1": 0.03, "retrieval_top5": 0.12}),
     # issue 11: psnr_outside >= 35, object_f1 >= 0.90 at n=200 (measured 100 with the default paste, 0.817 counting
