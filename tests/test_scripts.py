@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ldmkit.config import LatentDiffusionConfig, load_config
 from ldmkit.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -74,6 +75,10 @@ def test_caption_breakdown_is_full_on_ground_truth_and_not_on_other_scenes(tmp_p
     for c in truth.values():  # the parser's ceiling: every asked object found, every relation holds
         assert c["one_object_drawn_at_size"] == c["one_object"] > 0
         assert c["both_drawn"] == c["both_drawn_at_size"] == c["relation_holds_given_both"] == c["two_objects"] > 0
+    twice = breakdown(conds, [c.image for c in conds for _ in range(2)], 40, per_caption=2)
+    assert twice == {g: {k: 2 * v for k, v in c.items()} for g, c in truth.items()}  # each sample counted
+    with pytest.raises(ValueError, match="per_caption"):
+        breakdown(conds, [c.image for c in conds], 40, per_caption=2)
     other = breakdown(conds, [conds[j].image for j in derangement(len(conds), 0)], 40)
     assert sum(c.get("both_drawn", 0) for c in other.values()) < 0.3 * sum(c["two_objects"] for c in other.values())
     missed = ("swapped", "colour_kept", "shape_kept", "neither")  # every missed first object is in one class
