@@ -357,3 +357,36 @@ def test_a_tower_without_blocks_gives_each_word_features_of_its_own():
     assert not torch.allclose(red[3], blue[3])
     with pytest.raises(ValueError, match="layers"):
         TextConfig(**{**TINY, "layers": -1})
+
+
+TestTextNeighbourMixConformance = conformance_tests(SPEC, config={**TINY, "layers": 0, "neighbour_mix": 1},
+                                                    invalid_inputs=BAD)
+
+
+def test_neighbour_mix_starts_as_nothing_then_gives_a_word_its_neighbours_only():
+    """neighbour_mix: 1 -- zero at the start (a model without it loads unchanged); trained, a word's features
+    depend on the words next to it, not on those two places away, and never on padding."""
+    plain, mixed = build(layers=0), build(layers=0, neighbour_mix=1)
+    assert set(mixed.state_dict()) - set(plain.state_dict()) == {"mix.weight"}
+    missing = mixed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["mix.weight"]
+    caps = ["a red circle above a blue square", "a red circle above a green square"]
+    with torch.no_grad():
+        assert torch.equal(mixed.encode(caps).value, plain.encode(caps).value)  # zero-initialized: the same
+        torch.nn.init.normal_(mixed.mix.weight, std=0.1)
+        blue, green = mixed.encode(caps).value  # start, a, red, circle, above, a, colour(6), square(7), end
+    assert not torch.allclose(blue[7], green[7]) and not torch.allclose(blue[5], green[5])  # next to the colour
+    assert torch.equal(blue[:5], green[:5]) and torch.equal(blue[8:], green[8:])  # two or more places away
+    ids, mask = mixed.prepare(caps)
+    garbage = ids.clone()
+    garbage[~mask] = 1
+    with torch.no_grad():
+        assert torch.allclose(mixed((garbage, mask)).value, mixed((ids, mask)).value, atol=1e-6)
+
+
+def test_neighbour_mix_config_rules():
+    with pytest.raises(ValueError, match="causal"):
+        TextConfig(**TINY, neighbour_mix=1, causal=True)
+    with pytest.raises(ValueError, match="neighbour_mix"):
+        TextConfig(**TINY, neighbour_mix=-1)
+    assert TextConfig(**TINY, neighbour_mix=2).neighbour_mix == 2

@@ -78,6 +78,14 @@ class TextConfig(ConditionerConfig):
         description="self-attention blocks; 0: none -- each output token is its embedding plus its position "
                     "(LayerNormed), so a word's features do not depend on the words around it",
     )
+    neighbour_mix: int = Field(
+        default=0, ge=0, le=8,
+        description="k: before the blocks, each token gets a learned linear map of the k tokens on each side added "
+                    "to it (a 1-D convolution of width 2k+1 over the caption, padding excluded, zero at the start so "
+                    "a model trained without it loads unchanged). With layers 0 a word then carries its neighbours "
+                    "additively -- e.g. a shape word its colour word -- a sum that exists for word pairs never seen "
+                    "together. 0: off",
+    )
     heads: int = Field(default=4, ge=1, le=64)
     mlp_ratio: float = Field(default=4.0, gt=0, le=16)
     causal: bool | None = Field(
@@ -123,6 +131,9 @@ class TextConfig(ConditionerConfig):
             self.vocab_size = len(self.vocabulary)
             if self.pretrained is not None:
                 raise ValueError("a pruned vocabulary cannot be combined with a pretrained tower; prune after loading")
+        if self.neighbour_mix and self.is_causal:
+            raise ValueError(f"neighbour_mix ({self.neighbour_mix}) would show each token the words after it, which "
+                             "a causal tower must not see; set causal: false or neighbour_mix: 0")
         if self.allow_pickle and self.pretrained is None:
             raise ValueError("allow_pickle only applies to a pretrained file; set pretrained: PATH or drop it")
         return self
@@ -174,6 +185,11 @@ class TextConditioner(Conditioner):
         if config.layers == 0:
             self.tower.transformer.resblocks = nn.ModuleList()
             self.tower.transformer.layers = 0
+        self.mix: nn.Conv1d | None = None
+        if config.neighbour_mix:
+            k = config.neighbour_mix
+            self.mix = nn.Conv1d(config.width, config.width, 2 * k + 1, padding=k, bias=False)
+            nn.init.zeros_(self.mix.weight)
         # Per-token features only: the pooled projection and open_clip's own mask buffer are unused.
         self.tower.text_projection = None
         self.tower.attn_mask = None
@@ -254,6 +270,8 @@ class TextConditioner(Conditioner):
         tower = self.tower
         m = ids.shape[1]
         x = tower.token_embedding(ids) + tower.positional_embedding[:m]
+        if self.mix is not None:  # padding rows zeroed first: a caption's features never depend on its padding
+            x = x + self.mix((x * mask[..., None].to(x.dtype)).transpose(1, 2)).transpose(1, 2)
         if self.causal:
             # Real tokens precede padding, so causal attention never lets a real token see padding.
             attn = self.causal_mask[:m, :m].to(x.dtype)
