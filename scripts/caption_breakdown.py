@@ -1,7 +1,7 @@
 """Where a text model's captions fail: `shapes-caption` split into the cases that make up caption_acc.
 
-    python scripts/caption_breakdown.py MODEL [--n 100] [--per-caption 1] [--guidance 6] [--precision bf16] [--json OUT]
-                                        [--sheet OUT.png]
+    python scripts/caption_breakdown.py MODEL [--n 100] [--per-caption 1] [--guidance 6 | NAME=S ...]
+                                        [--precision bf16] [--json OUT] [--sheet OUT.png]
 
 Samples the suite's n eval and n held-out captions (DDIM, ``--steps``), parses every image and counts, for
 eval and for held-out captions separately:
@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ldmkit.data.base import Sample
+from ldmkit.cli import _parse_guidance
 from ldmkit.evaluate import derangement, suite_conditions
 from ldmkit.metrics.shapes import caption_request, mention_matches, mentions_hold, parse_scene
 
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-caption", type=int, default=1, metavar="K", help="samples per caption, each counted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's config.guidance")
+    p.add_argument("--guidance", nargs="*", default=None,
+                   help="SCALE, or NAME=SCALE per conditioner (default: the model's config.guidance)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--reference", action="store_true")
     p.add_argument("--shuffled", action="store_true")
@@ -114,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give a MODEL, or one of --reference / --shuffled without a model")
     if args.sheet and args.model is None:
         p.error("--sheet draws a model's samples: give a MODEL")
+    try:
+        guidance = _parse_guidance(args.guidance)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.per_caption < 1:
         p.error(f"--per-caption must be >= 1, got {args.per_caption}")
     conditions = suite_conditions("shapes-caption", args.n, args.seed)
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from ldmkit.api import diffusion_generator, load
 
-        generate = diffusion_generator(load(args.model), sampler="ddim", steps=args.steps, guidance=args.guidance,
+        generate = diffusion_generator(load(args.model), sampler="ddim", steps=args.steps, guidance=guidance,
                                        seed=args.seed, options={"precision": args.precision}, keys=["caption"])
         images = generate([c for c in conditions for _ in range(k)])
     counts = breakdown(conditions, images, args.n, k)
@@ -137,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{c.get('first_missed_swapped', 0)}, colour kept {c.get('first_missed_colour_kept', 0)}, shape kept "
               f"{c.get('first_missed_shape_kept', 0)}, neither {c.get('first_missed_neither', 0)}")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "n": args.n, "per_caption": k, "guidance": args.guidance,
+        args.json.write_text(json.dumps({"model": args.model, "n": args.n, "per_caption": k, "guidance": guidance,
                                          "counts": counts}, indent=2) + "\n")
     if args.sheet:  # after the counts, so a failed drawing loses nothing
         pairs = [c for c in conditions[args.n:] if len(caption_request(c)[0]) == 2][:8]
