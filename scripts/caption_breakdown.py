@@ -17,8 +17,8 @@ eval and for held-out captions separately:
   neither (``first_missed_neither``: left out, or drawn unrecognisably).
 
 ``--per-caption K`` draws K samples of every caption (seeds apart) and counts each: one sample per caption
-moves the held-out two-object counts by about +-7 of 56 between models of one quality, K samples by about
-1/sqrt(K) of that. ``--reference`` scores the ground-truth images instead (the parser's ceiling: every count is full) and
+moves the held-out two-object counts by about +-7 of 56 between models of one quality; with K samples the
+spread of a count grows as sqrt(K) while the count grows as K, so a rate's spread shrinks as 1/sqrt(K). ``--reference`` scores the ground-truth images instead (the parser's ceiling: every count is full) and
 ``--shuffled`` another scene's (the floor). Prints a table; ``--json`` writes the counts; ``--sheet OUT.png``
 draws the first eight held-out two-object captions: the scene, then four samples each.
 """
@@ -47,9 +47,11 @@ def breakdown(conditions: Sequence[Sample], images: Sequence[np.ndarray], n_eval
     ``images`` holds ``per_caption`` images of each condition in a row (condition i's are
     ``images[per_caption * i : per_caption * (i + 1)]``); each is counted.
     """
-    if per_caption < 1 or len(images) != per_caption * len(conditions):
-        raise ValueError(f"per_caption must be >= 1 with {per_caption} images per condition "
-                         f"({per_caption * len(conditions)}), got per_caption={per_caption} and {len(images)} images")
+    if per_caption < 1:
+        raise ValueError(f"per_caption must be >= 1, got {per_caption}")
+    if len(images) != per_caption * len(conditions):
+        raise ValueError(f"per_caption={per_caption}: expected {per_caption * len(conditions)} images "
+                         f"({per_caption} per condition), got {len(images)}")
     out: dict[str, Counter] = {"eval": Counter(), "heldout": Counter()}
     for k, img in enumerate(images):
         i = k // per_caption
