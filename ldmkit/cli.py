@@ -464,13 +464,13 @@ def _model_generator(args: argparse.Namespace):
     keys = args.keys  # else a composed model gets the suite's condition only
     if keys is None:
         keys = suite_keys(args.suite, model.stack.accepted_keys())
-    return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=_parse_guidance(args.guidance),
+    return diffusion_generator(model, sampler=args.sampler, steps=args.steps, guidance=parse_guidance(args.guidance),
                                seed=args.seed, unconditional=args.suite == "shapes-uncond",
                                options=_sampling_options(args),
                                keys=None if args.suite == "shapes-uncond" else keys)
 
 
-def _parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | None:
+def parse_guidance(items: Sequence[str] | None) -> float | dict[str, float] | None:
     """``["3"]`` → 3.0 (joint); ``["class=3", "text=5"]`` → per-conditioner scales; none → the model's default."""
     if not items:
         return None
@@ -531,7 +531,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {args.out} is the checkpoint being exported; write the model file elsewhere")
-    path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=_parse_guidance(args.guidance),
+    path = export_model(args.checkpoint, args.out, use_ema=not args.raw, guidance=parse_guidance(args.guidance),
                         dtype=args.dtype, bundle_autoencoder=not args.reference_autoencoder)
     print(f"wrote {path}")
     return 0
@@ -658,7 +658,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             shown = given if given is None or len(given) <= 40 else given[:37] + "..."
             source = f"{flag} {exc.field}={shown}" if given is not None else flag
             raise ConditionInputError(exc.field, exc.problem, exc.allowed, source=source) from None
-    guidance = _parse_guidance(args.guidance)
+    guidance = parse_guidance(args.guidance)
     if guidance is None:  # the model's default, written out so that the JSON reproduces the image
         guidance = model.config.guidance
     chunk = args.batch

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ldmkit.data.base import Sample
-from ldmkit.cli import _parse_guidance
+from ldmkit.cli import parse_guidance
 from ldmkit.evaluate import derangement, suite_conditions
 from ldmkit.metrics.shapes import caption_request, mention_matches, mentions_hold, parse_scene
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sheet and args.model is None:
         p.error("--sheet draws a model's samples: give a MODEL")
     try:
-        guidance = _parse_guidance(args.guidance)
+        guidance = parse_guidance(args.guidance)
     except ValueError as exc:
         p.error(str(exc))
     if args.per_caption < 1:
