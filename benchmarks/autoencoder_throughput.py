@@ -10,9 +10,7 @@ warm-up, under ``torch.inference_mode``. The last line of output is one JSON obj
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

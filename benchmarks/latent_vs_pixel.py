@@ -24,9 +24,7 @@ batch of 64 (``ldmkit eval``'s), and the equal-time quality runs train at batch 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -11,9 +11,7 @@ are counted as what they are. Prints a table and, as its last line, one JSON obj
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

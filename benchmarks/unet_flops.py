@@ -26,9 +26,7 @@ the UNet and the peak alike. The last line of output is one JSON object.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -7,13 +7,14 @@ lazily so that ``import ldmkit`` (and ``ldmkit --version``) stays fast and loads
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
-# OpenMP threads that spin while waiting make two processes sharing a small machine (a training run
-# and a test suite, say) 10-60x slower; passive waiting costs little when alone. Only effective when
-# ldmkit is imported before torch (the `ldmkit` command, the test suite); never overrides a setting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ldmkit._threads import choose_wait_policy
+
+# How OpenMP threads wait: a short spin on free cores, passive when the machine is busy (see ldmkit/_threads.py).
+# Only effective when ldmkit is imported before torch (the `ldmkit` command, the test suite); never overrides a
+# setting. What was chosen, and why, is in ldmkit.WAIT_POLICY.
+WAIT_POLICY = choose_wait_policy()
 
 __version__ = "0.1.0"
 

@@ -5,5 +5,4 @@ cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 python -m pytest "$@"

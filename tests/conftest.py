@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see ldmkit/__init__.py
+import ldmkit  # noqa: E402  before torch is imported: chooses how OpenMP threads wait (ldmkit/_threads.py)
 sys.path.insert(0, str(Path(__file__).parent))  # tests/toys.py
 
 REPO = Path(__file__).resolve().parent.parent
