@@ -37,9 +37,7 @@ Usage: python benchmarks/sample_vs_diffusers.py [--n 256] [--steps 50] [--thread
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -391,7 +389,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "sample_vs_diffusers", "model": MODEL, "n": args.n, "steps": args.steps, "guidance": guidance,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "omp_wait": ldmkit.WAIT_POLICY, "diffusers": diffusers.__version__,
         "unet_max_abs_diff": diff, "timesteps_match": cmp["timesteps_match"],
         "ldmkit_seconds": round(seconds["ldmkit"], 2), "diffusers_seconds": round(seconds["diffusers"], 2),
         "speedup": round(speedup, 3), "class_acc": {"ldmkit": acc["ldmkit"], "diffusers": acc["diffusers"]},

@@ -9,7 +9,9 @@ agree within 2 %. Timings are medians of paired, interleaved runs (ldmkit, diffu
   ``torch.optim.AdamW`` (examples/text_to_image/train_text_to_image.py); also reported with the same
   per-parameter AdamW on both sides (``train_step_ratio_same_optimizer``: the UNets alone);
 - sample step: one forward under ``torch.inference_mode`` on a doubled batch (classifier-free
-  guidance evaluated as one batched call).
+  guidance evaluated as one batched call). On the CPU also ``ldmkit_prepack``: the same
+  weights inside ``UNet.prepacked()``, entered once, as ``sample(..., prepack=True)`` runs a sampling loop
+  (weights packed at the first step and kept; the context's keys and values kept across steps).
 
 Ratios are diffusers time / ldmkit time, so above 1 means ldmkit is faster. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA, and on the CPU the growth of the peak resident set of a
@@ -20,11 +22,10 @@ Usage: python benchmarks/unet_vs_diffusers.py [--device cpu|cuda] [--batch 16] [
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ldmkit/__init__.py
+import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
+import contextlib
 import json  # noqa: E402
 import platform
 import statistics
@@ -119,6 +120,7 @@ def main() -> None:
         return
 
     models = {w: build(w, args.device) for w in ("ldmkit", "diffusers")}
+    stack = contextlib.ExitStack()
     params = {w: sum(q.numel() for q in m.parameters()) for w, (m, _) in models.items()}
     print(f"parameters: ldmkit {params['ldmkit']:,}  diffusers {params['diffusers']:,}")
     if abs(params["ldmkit"] / params["diffusers"] - 1) > 0.02:
@@ -158,6 +160,10 @@ def main() -> None:
     runs = {"train": {"ldmkit": lambda: train_step("ldmkit"), "ldmkit_plain_adamw": lambda: train_step("ldmkit", plain),
                       "diffusers": lambda: train_step("diffusers")},
             "sample": {"ldmkit": lambda: sample_step("ldmkit"), "diffusers": lambda: sample_step("diffusers")}}
+    if args.device == "cpu":  # as sample(..., prepack=True) runs it: packed at the first step, kept for the rest
+        models["ldmkit_prepack"] = build("ldmkit", args.device)  # the same weights (same seed)
+        stack.enter_context(models["ldmkit_prepack"][0].prepacked())
+        runs["sample"]["ldmkit_prepack"] = lambda: sample_step("ldmkit_prepack")
     times: dict[str, dict[str, list[float]]] = {k: {w: [] for w in fns} for k, fns in runs.items()}
     for kind, fns in runs.items():
         for fn in fns.values():  # warm-up
@@ -180,7 +186,7 @@ def main() -> None:
             train_step(w)
             memory[w] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     else:
-        for w in models:
+        for w in ("ldmkit", "diffusers"):
             out = subprocess.run([sys.executable, __file__, "--memory-child", w, "--batch", str(args.batch),
                                   "--latent", str(args.latent)], capture_output=True, text=True, check=True)
             memory[w] = round(int(out.stdout.strip().splitlines()[-1]) / 1024, 1)
@@ -190,7 +196,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "unet_vs_diffusers", "device": args.device, "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "omp_wait": ldmkit.WAIT_POLICY, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
         "config": {**CONFIG, "context_dim": CONTEXT_DIM, "context_tokens": CONTEXT_TOKENS, "batch": args.batch,
                    "latent": [LATENT_CHANNELS, args.latent, args.latent]},
         "parameters": params,
@@ -200,6 +206,8 @@ def main() -> None:
         "train_step_ratio": round(med["train"]["diffusers"] / med["train"]["ldmkit"], 3),
         "train_step_ratio_same_optimizer": round(med["train"]["diffusers"] / med["train"]["ldmkit_plain_adamw"], 3),
         "sample_step_ratio": round(med["sample"]["diffusers"] / med["sample"]["ldmkit"], 3),
+        "sample_step_ratio_prepack": (round(med["sample"]["diffusers"] / med["sample"]["ldmkit_prepack"], 3)
+                                      if "ldmkit_prepack" in med["sample"] else None),
         "peak_memory_mib": memory,
     }))
 

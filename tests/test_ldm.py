@@ -296,6 +296,23 @@ def test_cuda_graph_is_refused_off_cuda_and_gives_the_plain_images_on_it(ae_path
     assert torch.allclose(plain, graphed, atol=1e-5)
 
 
+def test_prepack_gives_the_plain_images_up_to_rounding_and_is_refused_off_the_cpu(ae_path, tmp_path, monkeypatch):
+    model = load_ldm(save_ldm(perturbed_model(train_cfg(ae_path, tmp_path / "x").model), tmp_path / "m.safetensors"))
+    for kwargs in ({}, {"guidance": {"class": 3.0, "class_vec": 1.0}}, {"sampler": "dpmpp_2m"}, {"precision": "bf16"}):
+        plain = model.sample({"label": [1, 2, 3]}, steps=3, seed=5, **kwargs)
+        packed = model.sample({"label": [1, 2, 3]}, steps=3, seed=5, prepack=True, **kwargs)
+        tol = 0.05 if kwargs.get("precision") == "bf16" else 2e-3
+        assert (plain - packed).abs().mean() < tol / 10 and (plain - packed).abs().max() < tol * 10, kwargs
+    model.max_batch = 2  # chunks of 2 and 1: a new context each, so keys and values are computed anew
+    plain = model.sample({"label": [1, 2, 3]}, steps=2, seed=1)
+    assert (plain - model.sample({"label": [1, 2, 3]}, steps=2, seed=1, prepack=True)).abs().max() < 2e-3
+    with pytest.raises(ValueError, match="prepack must be true or false"):
+        model.sample({"label": [1]}, steps=2, prepack="yes")
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    with pytest.raises(ValueError, match="prepack=True is for a model on the CPU; this one is on cuda"):
+        model.sample({"label": [1]}, steps=2, prepack=True)
+
+
 def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
     model = perturbed_model(cfg).eval()
@@ -357,7 +374,10 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     ok = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o"))
     assert ok.returncode == 0, ok.stderr
     meta = json.loads((tmp_path / "o/0001.json").read_text())
-    assert meta["conditions"] == {"label": 4} and meta["seed"] == 7
+    assert meta["conditions"] == {"label": 4} and meta["seed"] == 7 and meta["prepack"] is False
+    packed = run("--cond", "label=4", "--n", "1", "--steps", "2", "--prepack", "--out", str(tmp_path / "p"))
+    assert packed.returncode == 0, packed.stderr
+    assert json.loads((tmp_path / "p/0000.json").read_text())["prepack"] is True
     again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
     assert again.returncode == 0
     assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()

@@ -15,17 +15,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldmkit.models.prepack import GroupNorm, Linear, Packable
+
 __all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm", "position_code"]
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:
     """GroupNorm with the most groups (≤ ``max_groups``) that divide ``channels`` into groups of ≥ 2.
 
     One channel per group would normalize away any per-channel shift — including the timestep
     embedding a ResBlock adds just before its second norm — so groups hold at least two channels.
     """
     groups = max((g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2), default=1)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 def position_code(h: int, w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -49,11 +51,17 @@ def position_code(h: int, w: int, dim: int, device: torch.device | None = None) 
     return F.pad(code, (0, dim - code.shape[1]))
 
 
-class Attention(nn.Module):
+class Attention(Packable, nn.Module):
     """Multi-head attention; ``context=None`` makes it self-attention.
 
     ``mask`` is a ``(B, M)`` key-padding mask, True where a key is real. A row with no real key
     attends to every key (their values are the conditioner's padding), which avoids NaNs.
+
+    Prepacked (:func:`ldmkit.models.prepack.prepacked`, sampling only): self-attention projects q, k and v
+    in one matrix product, and cross-attention computes the context's k and v in one product and keeps them
+    while the same context tensor comes back (every step of one sampling run), instead of at every call.
+    With a single context token (a class label) the softmax over one key is exactly 1, so every query's
+    output is that token's value: the block's output ``to_out(v)`` is kept too and the queries are skipped.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -64,19 +72,64 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_out = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        source = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(source), "b m (h d) -> b h m d", h=self.heads)
-        v = rearrange(self.to_v(source), "b m (h d) -> b h m d", h=self.heads)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output, plus ``add`` when given (the residual, fused into the output projection)."""
+        if self.single_key(context):
+            y = self._single_key_output(context)  # type: ignore[arg-type]
+            return y.expand(x.shape[0], x.shape[1], -1) if add is None else add + y
+        if self.packing():
+            q, k, v = self._packed_qkv(x, context)
+        else:
+            source = x if context is None else context
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+            k = rearrange(self.to_k(source), "b m (h d) -> b h m d", h=self.heads)
+            v = rearrange(self.to_v(source), "b m (h d) -> b h m d", h=self.heads)
         attn_mask = None
         if mask is not None:
             mask = mask | ~mask.any(dim=-1, keepdim=True)
             attn_mask = mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"), add=add)
+
+    def _packed_qkv(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q, k, v as ``(B, heads, tokens, d)`` from fused projections (see the class docstring)."""
+        heads = self.heads
+        if context is None:
+            w = self._pack("qkv", (self.to_q.weight, self.to_k.weight, self.to_v.weight),
+                           lambda: torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+            return F.linear(x, w).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        cached = self._context_cache(context)
+        return q, cached["k"], cached["v"]
+
+    def single_key(self, context: torch.Tensor | None) -> bool:
+        """Whether, prepacked, this call takes the single-context-token path (its queries are not used)."""
+        return context is not None and context.shape[1] == 1 and self.packing()
+
+    def _context_cache(self, context: torch.Tensor) -> dict:
+        """The context's k and v ``(B, heads, M, d)``, computed once per context tensor, weights and dtype."""
+        w = self._pack("kv", (self.to_k.weight, self.to_v.weight), lambda: torch.cat([self.to_k.weight, self.to_v.weight]))
+        dev = context.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else context.dtype
+        hit = self._packs.get("context")  # type: ignore[union-attr]
+        if hit is None or hit["context"] is not context or hit["w"] is not w or hit["dtype"] != dtype:
+            k, v = F.linear(context, w).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+            hit = {"context": context, "w": w, "dtype": dtype, "k": k, "v": v}  # holding the context keeps its storage
+            self._packs["context"] = hit  # type: ignore[index]
+        return hit
+
+    def _single_key_output(self, context: torch.Tensor) -> torch.Tensor:
+        """``to_out(v)`` of the one context token, ``(B, 1, dim)``, kept with the context's k and v."""
+        cached = self._context_cache(context)
+        out = self.to_out
+        key = (out.weight.data_ptr(), out.weight._version, out.bias.data_ptr(), out.bias._version)
+        if cached.get("out_key") != key:
+            cached["out"] = out(rearrange(cached["v"], "b h m d -> b m (h d)"))
+            cached["out_key"] = key
+        return cached["out"]
 
 
 class GEGLU(nn.Module):
@@ -85,12 +138,14 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner = dim * mult
-        self.proj = nn.Linear(dim, inner * 2)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.proj = Linear(dim, inner * 2)
+        self.out = nn.Sequential(nn.Dropout(dropout), Linear(inner, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The feed-forward output, plus ``add`` when given (the residual, fused into the last product)."""
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(value * F.gelu(gate))
+        drop, out = self.out
+        return out(drop(value * F.gelu(gate)), add=add)
 
 
 class TransformerBlock(nn.Module):
@@ -108,12 +163,13 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLU(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = self.attn1(self.norm1(x), add=x)  # x + attn1(norm1(x)); the residual adds fuse when prepacked
         if self.cross:
             if context is None:
                 raise ValueError("this UNet was built with a context (tokens route) but got context=None")
-            x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
+            queries = x if self.attn2.single_key(context) else self.norm2(x)  # one context token: queries unused
+            x = self.attn2(queries, context, mask, add=x)
+        return self.ff(self.norm3(x), add=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -130,9 +186,9 @@ class SpatialTransformer(nn.Module):
         self.position_embedding = position_embedding
         self._codes: dict[tuple, torch.Tensor] = {}
         self.norm = group_norm(channels)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = Linear(channels, channels)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, dropout) for _ in range(depth))
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -143,6 +199,8 @@ class SpatialTransformer(nn.Module):
             tokens = tokens + self._code(h, w, tokens)
         for block in self.blocks:
             tokens = block(tokens, context, mask)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # prepacked: x's tokens are a view
+            return rearrange(self.proj_out(tokens, add=rearrange(x, "b c h w -> b (h w) c")), "b (h w) c -> b c h w", h=h, w=w)
         return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
 
     def _code(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

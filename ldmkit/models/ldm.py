@@ -13,6 +13,7 @@ missing plugin fails with a clear message) before any tensor is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -172,6 +173,7 @@ class LatentDiffusion(nn.Module):
         paste: bool = True,
         precision: str = "fp32",
         cuda_graph: bool = False,
+        prepack: bool = False,
         **sampler_options: Any,
     ) -> Tensor:
         """Generate images in [-1, 1], shape (B, 3, H, W).
@@ -201,6 +203,12 @@ class LatentDiffusion(nn.Module):
         kernel launches, which dominate at the zoo's 8 x 8 latents. The same kernels run on the same
         inputs, so the images equal those of the plain path; if capture fails, sampling continues without
         it, with a warning.
+
+        ``prepack=True`` (a CPU model) runs the UNet channels-last with its convolution and large linear
+        weights reordered once for oneDNN, residual adds fused into them, q/k/v and the timestep projections
+        each in one product, and the context's keys and values computed once per sampling run instead of at
+        every step (:mod:`ldmkit.models.prepack`). The same network up to float rounding (opt-in, because the
+        images can differ from the default path's in the last bits); docs/performance.md has the speed.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -209,6 +217,11 @@ class LatentDiffusion(nn.Module):
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device; this one is on {self.device.type} "
                              "(ldmkit.load(..., device='cuda'))")
+        if not isinstance(prepack, bool):
+            raise ValueError(f"prepack must be true or false; got {prepack!r}")
+        if prepack and self.device.type != "cpu":
+            raise ValueError(f"prepack=True is for a model on the CPU; this one is on {self.device.type} "
+                             "(on a GPU use cuda_graph=True)")
         conditions = self.check_conditions(conditions or {})
         explicit_guidance = guidance is not None
         if guidance is None:
@@ -247,7 +260,8 @@ class LatentDiffusion(nn.Module):
                                          guidance=guidance if explicit_guidance else None, negative=neg,
                                          sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
                                          width=width, callback=callback, keep_known=keep_known, paste=paste,
-                                         precision=precision, cuda_graph=cuda_graph, **sampler_options))
+                                         precision=precision, cuda_graph=cuda_graph, prepack=prepack,
+                                         **sampler_options))
             return torch.cat(parts)
         device = self.device
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -306,8 +320,9 @@ class LatentDiffusion(nn.Module):
             if keep_known and known:
                 denoise = self._keep_known(denoise, known, seed)
             run = get_sampler(sampler)
-            z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
-                    callback=callback, **sampler_options)
+            with self.unet.prepacked() if prepack else contextlib.nullcontext():
+                z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
+                        callback=callback, **sampler_options)
         if keep_known:
             for z0, k, _, _ in known:
                 z = k * z0 + (1 - k) * z
@@ -392,7 +407,7 @@ class LatentDiffusion(nn.Module):
             )
 
     _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback",
-                       "keep_known", "paste", "precision")
+                       "keep_known", "paste", "precision", "prepack")
 
     def forward(self, conditions: Mapping[str, Sequence[Any]] | None = None, **kwargs: Any) -> list[Any]:
         """The pipeline call: ``model(label=[3, 5], guidance=2.0, steps=50, seed=0)`` → PIL images.

@@ -24,6 +24,7 @@ from torch import nn
 from ldmkit.conditioning import UNetWiring
 from ldmkit.config import UNetConfig
 from ldmkit.models.attention import SpatialTransformer, group_norm
+from ldmkit.models.prepack import Conv2d, Packable, channels_last, prepacked
 
 __all__ = ["UNet", "timestep_embedding"]
 
@@ -42,16 +43,18 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(in_ch), nn.SiLU(), Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
-        self.out_layers = nn.Sequential(group_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.out_layers = nn.Sequential(group_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.skip = nn.Identity() if in_ch == out_ch else Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip(x) + self.out_layers(h)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``emb_out``, when given, is ``emb_layers(emb)`` already computed (the UNet batches them when prepacked)."""
+        h = self.in_layers(x) + (self.emb_layers(emb) if emb_out is None else emb_out)[:, :, None, None]
+        norm, act, drop, conv = self.out_layers
+        return conv(drop(act(norm(h))), add=self.skip(x))  # skip(x) + out_layers(h), the add fused when prepacked
 
 
 class Block(nn.Module):
@@ -62,12 +65,12 @@ class Block(nn.Module):
         self.res = res
         self.attn = attn
 
-    def forward(self, x, emb, context, mask):
-        x = self.res(x, emb)
+    def forward(self, x, emb, context, mask, emb_out=None):
+        x = self.res(x, emb, emb_out)
         return self.attn(x, context, mask) if self.attn is not None else x
 
 
-class UNet(nn.Module):
+class UNet(Packable, nn.Module):
     """A conditional UNet for ``z_t``; see the module docstring. Returns the raw prediction (ε, v or x0)."""
 
     def __init__(self, config: UNetConfig, latent_channels: int, wiring: UNetWiring | None = None):
@@ -89,7 +92,7 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, config.num_heads, ctx, config.transformer_depth, config.dropout,
                                       config.position_embedding)
 
-        self.conv_in = nn.Conv2d(self.in_channels, mc, 3, padding=1)
+        self.conv_in = Conv2d(self.in_channels, mc, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips = [mc]
@@ -102,7 +105,7 @@ class UNet(nn.Module):
                 skips.append(ch)
             self.down.append(blocks)
             if level < len(mult) - 1:
-                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.downsample.append(Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
         deepest = len(mult) - 1
         self.mid = nn.ModuleList([
@@ -119,11 +122,25 @@ class UNet(nn.Module):
                 ch = mc * mult[level]
             self.up.append(blocks)
             if level > 0:
-                self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, latent_channels, 3, padding=1))
+                self.upsample.append(Conv2d(ch, ch, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), Conv2d(ch, latent_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
         self._deepest = deepest
+
+    def prepacked(self):
+        """A context in which the UNet, called without autograd on a CPU, runs channels-last on weights
+        reordered once for oneDNN, with fused residual adds and projections (:mod:`ldmkit.models.prepack`):
+        the same function up to float rounding. ``model.sample(..., prepack=True)`` uses it."""
+        return prepacked(self)
+
+    def _emb_projections(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        """Every ResBlock's ``emb_layers(emb)``, in call order, from one matrix product (all take SiLU(emb))."""
+        linears = [b.res.emb_layers[1] for blocks in (*self.down, self.mid, *self.up) for b in blocks]
+        tensors = tuple(t for lin in linears for t in (lin.weight, lin.bias))
+        weight, bias = self._pack("emb", tensors, lambda: (torch.cat([lin.weight for lin in linears]),
+                                                           torch.cat([lin.bias for lin in linears])))
+        return list(F.linear(F.silu(emb), weight, bias).split([lin.out_features for lin in linears], dim=1))
 
     @property
     def min_size_multiple(self) -> int:
@@ -157,20 +174,24 @@ class UNet(nn.Module):
             if channels.shape[-2:] != x.shape[-2:]:
                 raise ValueError(f"channels route is {tuple(channels.shape[-2:])} but the latent is {tuple(x.shape[-2:])}")
             x = torch.cat([x, channels.to(x.dtype)], dim=1)
+        emb_outs = iter(())
+        if self.packing():  # channels-last throughout (oneDNN's order); every ResBlock's emb projection at once
+            x = channels_last(x)
+            emb_outs = iter(self._emb_projections(emb))
         h = self.conv_in(x)
         hs = [h]
         for level, blocks in enumerate(self.down):
             for block in blocks:
-                h = block(h, emb, context, context_mask)
+                h = block(h, emb, context, context_mask, next(emb_outs, None))
                 hs.append(h)
             if level < len(self.down) - 1:
                 h = self.downsample[level](h)
                 hs.append(h)
         for block in self.mid:
-            h = block(h, emb, context, context_mask)
+            h = block(h, emb, context, context_mask, next(emb_outs, None))
         for i, blocks in enumerate(self.up):
             for block in blocks:
-                h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+                h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask, next(emb_outs, None))
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(h).to(x.dtype)  # float32 in, float32 out, also under autocast (guidance combines in fp32)
+        return self.out(h).to(x.dtype).contiguous()  # float32 in, float32 out, also under autocast (guidance combines in fp32)
