@@ -14,7 +14,8 @@ Usage: python benchmarks/unet_flops.py [--model zoo:shapes-class] [--batch 128] 
      output; AdamW's elementwise update is neither counted nor timed).
 2. Times, medians of ``--repeats`` runs with ``torch.set_num_threads(--threads)``: the forward under
    ``torch.inference_mode`` in float32 and under bfloat16 autocast (as ``sample(precision="bf16")``
-   runs it), and the forward + backward in float32. Achieved GFLOP/s = counted FLOPs / time.
+   runs it), both also prepacked (``sample(prepack=True)``'s UNet, rated on the plain forward's FLOPs),
+   and the forward + backward in float32. Achieved GFLOP/s = counted FLOPs / time.
 3. The peak: ``torch.nn.functional.conv2d`` on a large, well-shaped problem (input
    (``--peak-batch``, C, S, S), weight (C, C, 3, 3), padding 1; default C = 256, S = 32), float32 and
    bfloat16 tensors, under ``inference_mode``, same threads; GFLOP/s = 2·N·C·S²·C·9 / time. The UNet's
@@ -29,6 +30,8 @@ from __future__ import annotations
 import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -159,6 +162,18 @@ def main() -> None:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             unet(x, t, **kw)
 
+    packed_unet = copy.deepcopy(unet)  # sample(..., prepack=True)'s UNet: packed at the first call, kept after
+    packing = contextlib.ExitStack()
+    packing.enter_context(packed_unet.prepacked())
+
+    def forward_fp32_prepack() -> None:
+        with torch.inference_mode():
+            packed_unet(x, t, **kw)
+
+    def forward_bf16_prepack() -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            packed_unet(x, t, **kw)
+
     def train_fp32() -> None:
         unet.train()
         try:
@@ -175,12 +190,16 @@ def main() -> None:
         with torch.inference_mode():
             F.conv2d(conv_x16, conv_w16, padding=1)
 
-    rows = {"forward_fp32": forward_fp32, "forward_bf16": forward_bf16, "train_fp32": train_fp32,
+    rows = {"forward_fp32": forward_fp32, "forward_bf16": forward_bf16, "forward_fp32_prepack": forward_fp32_prepack,
+            "forward_bf16_prepack": forward_bf16_prepack, "train_fp32": train_fp32,
             "conv_fp32": conv_fp32, "conv_bf16": conv_bf16}
     flops: dict[str, int] = {}
     breakdown: dict[str, dict[str, int]] = {}
     for name in ("forward_fp32", "forward_bf16", "train_fp32"):
         flops[name], breakdown[name] = count(rows[name])
+    # the prepacked UNet is the same network: its rate is counted on the plain forward's FLOPs (with one context
+    # token it skips the queries' work, which this count then includes: a rate for the network, not the kernels)
+    flops["forward_fp32_prepack"] = flops["forward_bf16_prepack"] = flops["forward_fp32"]
     conv_formula = 2 * n * c * s * s * c * 9
     flops["conv_fp32"] = flops["conv_bf16"] = conv_formula
     counted_conv, _ = count(conv_fp32)
@@ -206,11 +225,13 @@ def main() -> None:
     fraction = {
         "forward_fp32": gflops["forward_fp32"] / gflops["conv_fp32"],
         "forward_bf16": gflops["forward_bf16"] / gflops["conv_bf16"],
+        "forward_fp32_prepack": gflops["forward_fp32_prepack"] / gflops["conv_fp32"],
+        "forward_bf16_prepack": gflops["forward_bf16_prepack"] / gflops["conv_bf16"],
         "train_fp32": gflops["train_fp32"] / gflops["conv_fp32"],
     }
     for k in rows:
-        extra = f"  {fraction[k]:.1%} of the {k.split('_')[-1]} conv peak" if k in fraction else ""
-        print(f"{k:<13} {med[k] * 1000:9.2f} ms  {gflops[k]:8.1f} GFLOP/s{extra}")
+        extra = f"  {fraction[k]:.1%} of the {k.split('_')[1]} conv peak" if k in fraction else ""
+        print(f"{k:<21} {med[k] * 1000:9.2f} ms  {gflops[k]:8.1f} GFLOP/s{extra}")
 
     print(json.dumps({
         "benchmark": "unet_flops", "model": args.model, "device": "cpu", "cpu": cpu_name(), "cpu_flags": cpu_flags(),

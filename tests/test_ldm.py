@@ -527,11 +527,12 @@ def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path
         {"type": "text", "width": 16, "layers": 1, "heads": 2, "context_length": 16, "dropout": 0.3}]
     model = LatentDiffusion(load_config(data), Autoencoder(AutoencoderConfig(**TINY_AE)))
     path = save_ldm(model, tmp_path / "m.safetensors")
-    seen = []
+    seen, prepacks = [], []
     original = LatentDiffusion.sample
 
     def spy(self, conditions=None, **kw):
         seen.append(sorted(conditions or {}))
+        prepacks.append(kw.get("prepack"))
         return original(self, conditions, **kw)
 
     LatentDiffusion.sample = spy
@@ -544,6 +545,8 @@ def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path
                      "label", "--json"]) == 0
         assert seen[-1] == ["caption", "label"]
         assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--keys", "boxes"]) == 2
+        assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--steps", "1", "--prepack", "--json"]) == 0
+        assert prepacks[-1] is True and prepacks[0] is False  # `ldmkit eval --prepack` reaches model.sample
     finally:
         LatentDiffusion.sample = original
 

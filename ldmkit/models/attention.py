@@ -143,8 +143,13 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """The feed-forward output, plus ``add`` when given (the residual, fused into the last product)."""
-        value, gate = self.proj(x).chunk(2, dim=-1)
         drop, out = self.out
+        dtype = self.proj.packed_dtype(x)
+        if dtype is not None:  # prepacked: value and gate as two products, GELU fused into the gate's
+            x, inner = x.to(dtype), self.proj.out_features // 2
+            value = self.proj.packed(x, slice(0, inner))
+            return out(drop(value * self.proj.packed(x, slice(inner, None), gelu=True)), add=add)
+        value, gate = self.proj(x).chunk(2, dim=-1)
         return out(drop(value * F.gelu(gate)), add=add)
 
 

@@ -8,7 +8,8 @@ every output row; every operation is a parallel region whose threads must wake. 
 
 - :class:`Conv2d` reorders its weight once (again only when the weight changes) and runs oneDNN's
   convolution on the packed weight, channels-last, with a ResBlock's residual add fused into it;
-- :class:`Linear` runs large products as oneDNN's on a packed weight, bias and residual add fused;
+- :class:`Linear` runs large products as oneDNN's on a packed weight, bias and residual add fused (and
+  GEGLU's GELU fused into its gate's product);
 - :class:`GroupNorm` normalizes channels-last inputs in the plain memory order (faster, measured);
 - attention (``ldmkit.models.attention``) projects q, k, v in one product and keeps the context's keys and
   values across the steps of a run; the UNet computes every ResBlock's timestep projection in one product.
@@ -102,28 +103,51 @@ class GroupNorm(Packable, nn.GroupNorm):
 
 class Linear(Packable, nn.Linear):
     """``nn.Linear`` with an optional fused residual (``forward(x, add)`` is ``add + linear(x)``). Inside
-    :func:`prepacked`, float32 products with at least :attr:`PACKED_MIN_ROWS` rows (or
-    :attr:`PACKED_MIN_OUT` outputs) run as oneDNN's matrix product on a prepacked weight with the bias and the
-    residual add fused (no broadcast copy of the bias into the output); smaller ones, where the oneDNN call
-    costs more than it saves, stay plain. Outside it, exactly ``nn.Linear``."""
+    :func:`prepacked`, products with at least :attr:`PACKED_MIN_ROWS` rows (or :attr:`PACKED_MIN_OUT` outputs)
+    run as oneDNN's matrix product on a weight packed once — float32, or bfloat16 under bf16 autocast — with the
+    bias and a same-dtype residual add fused (no broadcast copy of the bias into the output); smaller ones,
+    where the oneDNN call costs more than it saves, stay plain. Outside it, exactly ``nn.Linear``."""
 
     PACKED_MIN_ROWS = 256
     PACKED_MIN_OUT = 512
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if (self.packing() and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is not None
-                and not torch.is_autocast_enabled("cpu")):
-            rows = x.numel() // max(x.shape[-1], 1)
-            if rows >= self.PACKED_MIN_ROWS or self.out_features >= self.PACKED_MIN_OUT:
-                packed = self._pack("dnn", (self.weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(
-                    self.weight.detach(), rows))
-                x = x.contiguous()
-                if add is not None and add.shape == x.shape[:-1] + (self.out_features,) and add.dtype == x.dtype:
-                    return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), packed, self.bias, "add")
-                y = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-                return y if add is None else add + y
+        dtype = self.packed_dtype(x)
+        if dtype is not None:
+            fuse = add is not None and add.dtype == dtype and add.shape == x.shape[:-1] + (self.out_features,)
+            y = self.packed(x.to(dtype), add=add if fuse else None)
+            return y if add is None or fuse else add + y
         y = super().forward(x)
         return y if add is None else add + y
+
+    def packed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the packed product would run in for ``x``, or None where the plain layer runs."""
+        if not self.packing() or x.device.type != "cpu" or self.bias is None:
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        rows = x.numel() // max(x.shape[-1], 1)
+        if dtype not in _DTYPES or (rows < self.PACKED_MIN_ROWS and self.out_features < self.PACKED_MIN_OUT):
+            return None
+        return dtype
+
+    def packed(self, x: torch.Tensor, rows: slice | None = None, gelu: bool = False,
+               add: torch.Tensor | None = None) -> torch.Tensor:
+        """oneDNN's product of ``x`` (already in the packed dtype) with the weight's output ``rows`` (all by
+        default), plus the bias, then exact GELU (``gelu``) or ``+ add`` fused into it."""
+        part = rows or slice(None)
+
+        def build():
+            weight = self.weight.detach()[part].to(x.dtype)
+            hint = x.numel() // max(x.shape[-1], 1)
+            return (torch.ops.mkldnn._reorder_linear_weight(weight, hint), self.bias.detach()[part].to(x.dtype))
+
+        weight, bias = self._pack((x.dtype, part.start, part.stop), (self.weight, self.bias), build)
+        x = x.contiguous()
+        if add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), weight, bias, "add")
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")  # "none": erf, not tanh
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @contextlib.contextmanager
