@@ -25,7 +25,7 @@ from __future__ import annotations
 import ldmkit  # noqa: E402  (before torch: chooses how OpenMP threads wait, ldmkit.WAIT_POLICY)
 
 import argparse  # noqa: E402
-import contextlib
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform
 import statistics
@@ -173,6 +173,7 @@ def main() -> None:
             order = list(fns) if r % 2 == 0 else list(reversed(fns))
             for w in order:
                 times[kind][w].append(fns[w]())
+    stack.close()  # the prepacked model's packs are dropped
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
     for k in med:
         print(f"{k:<6} step: " + "  ".join(f"{w} {v * 1000:.1f} ms" for w, v in med[k].items()))

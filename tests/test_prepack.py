@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldmkit._threads import SPIN_COUNT, choose_wait_policy, other_running
+from ldmkit._threads import SPIN_COUNT, _cores, choose_wait_policy, other_running
 from ldmkit.conditioning import StackConfig, UNetWiring
 from ldmkit.config import UNetConfig
 from ldmkit.models.prepack import Conv2d, GroupNorm, Linear, prepack_available
@@ -116,23 +116,25 @@ def test_prepacked_under_bf16_autocast_stays_close():
 
 
 def test_wait_policy_keeps_a_users_setting_and_reads_the_machine():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert choose_wait_policy(env, running=5) == "as set: OMP_WAIT_POLICY=ACTIVE" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
-    env = {"GOMP_SPINCOUNT": "7"}
-    assert choose_wait_policy(env, running=0).startswith("as set") and "OMP_WAIT_POLICY" not in env
-    env = {}
-    assert choose_wait_policy(env, running=0).startswith("short spin") and env == {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
-    env = {}
-    assert "other running" in choose_wait_policy(env, running=1) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {}
-    assert "cannot read" in choose_wait_policy(env, running=None) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    # fewer threads than cores leave room for a neighbour
-    import os
+    def choose(env, running):
+        return choose_wait_policy(env, running=running, torch_loaded=False)
 
-    cores = os.cpu_count() or 1
-    env = {"OMP_NUM_THREADS": "1"}
-    assert choose_wait_policy(env, running=cores - 1).startswith("short spin")
-    env = {"OMP_NUM_THREADS": "1"}
-    assert choose_wait_policy(env, running=cores).startswith("passive")
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert choose(env, 5) == "as set: OMP_WAIT_POLICY=ACTIVE" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"GOMP_SPINCOUNT": "7"}
+    assert choose(env, 0).startswith("as set") and "OMP_WAIT_POLICY" not in env
+    env = {}
+    assert choose(env, 0).startswith("short spin") and env["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
+    # a child process inherits ldmkit's choice with its mark, and decides again (its machine may be busy now)
+    assert "other running" in choose(env, 1) and env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+    env = {}
+    assert "cannot read" in choose(env, None) and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {}
+    assert choose_wait_policy(env, running=0, torch_loaded=True).startswith("not applied") and env == {}
+    # fewer threads than cores leave room for a neighbour; a thread count of 0 means all cores
+    cores = _cores()
+    assert choose({"OMP_NUM_THREADS": "1"}, cores - 1).startswith("short spin")
+    assert choose({"OMP_NUM_THREADS": "1"}, cores).startswith("passive")
+    assert choose({"OMP_NUM_THREADS": "0"}, 1).startswith("passive")
     found = other_running()
     assert found is None or found >= 0

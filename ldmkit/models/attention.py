@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldmkit.models.prepack import GroupNorm, Linear, Packable
+from ldmkit.models.prepack import GroupNorm, Linear, Packable, compute_dtype, version_of
 
 __all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm", "position_code"]
 
@@ -59,7 +59,9 @@ class Attention(Packable, nn.Module):
 
     Prepacked (:func:`ldmkit.models.prepack.prepacked`, sampling only): self-attention projects q, k and v
     in one matrix product, and cross-attention computes the context's k and v in one product and keeps them
-    while the same context tensor comes back (every step of one sampling run), instead of at every call.
+    while the same context tensor comes back unchanged (every step of one sampling run), instead of at every
+    call. The cache goes by the tensor's identity (and in-place version, where it has one): an inference
+    tensor changed in place between calls would not be noticed — the sampler never does that.
     With a single context token (a class label) the softmax over one key is exactly 1, so every query's
     output is that token's value: the block's output ``to_out(v)`` is kept too and the queries are skipped.
     """
@@ -112,12 +114,13 @@ class Attention(Packable, nn.Module):
     def _context_cache(self, context: torch.Tensor) -> dict:
         """The context's k and v ``(B, heads, M, d)``, computed once per context tensor, weights and dtype."""
         w = self._pack("kv", (self.to_k.weight, self.to_v.weight), lambda: torch.cat([self.to_k.weight, self.to_v.weight]))
-        dev = context.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else context.dtype
+        dtype = compute_dtype(context.device.type, context.dtype)
+        version = version_of(context)  # a context changed in place is new too
         hit = self._packs.get("context")  # type: ignore[union-attr]
-        if hit is None or hit["context"] is not context or hit["w"] is not w or hit["dtype"] != dtype:
+        if (hit is None or hit["context"] is not context or hit["version"] != version or hit["w"] is not w
+                or hit["dtype"] != dtype):
             k, v = F.linear(context, w).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-            hit = {"context": context, "w": w, "dtype": dtype, "k": k, "v": v}  # holding the context keeps its storage
+            hit = {"context": context, "version": version, "w": w, "dtype": dtype, "k": k, "v": v}  # held: storage kept
             self._packs["context"] = hit  # type: ignore[index]
         return hit
 
@@ -125,7 +128,7 @@ class Attention(Packable, nn.Module):
         """``to_out(v)`` of the one context token, ``(B, 1, dim)``, kept with the context's k and v."""
         cached = self._context_cache(context)
         out = self.to_out
-        key = (out.weight.data_ptr(), out.weight._version, out.bias.data_ptr(), out.bias._version)
+        key = tuple((t.data_ptr(), version_of(t)) for t in (out.weight, out.bias))
         if cached.get("out_key") != key:
             cached["out"] = out(rearrange(cached["v"], "b h m d -> b m (h d)"))
             cached["out_key"] = key

@@ -206,8 +206,8 @@ class LatentDiffusion(nn.Module):
 
         ``prepack=True`` (a CPU model) runs the UNet channels-last with its convolution and large linear
         weights reordered once for oneDNN, residual adds fused into them, q/k/v and the timestep projections
-        each in one product, and the context's keys and values computed once per sampling run instead of at
-        every step (:mod:`ldmkit.models.prepack`). The same network up to float rounding (opt-in, because the
+        each in one product, and the context's keys and values computed once per sampling run (per chunk of
+        ``max_batch`` images) instead of at every step (:mod:`ldmkit.models.prepack`). The same network up to float rounding (opt-in, because the
         images can differ from the default path's in the last bits); docs/performance.md has the speed.
         """
         if precision not in PRECISIONS:

@@ -27,18 +27,43 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Conv2d", "GroupNorm", "Linear", "Packable", "channels_last", "prepack_available", "prepacked"]
+__all__ = ["Conv2d", "GroupNorm", "Linear", "Packable", "channels_last", "compute_dtype", "prepack_available",
+           "prepacked", "version_of"]
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_BF16: list[bool] = []  # whether oneDNN runs bfloat16 on this CPU (asked once)
+
+
+def _dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the packed paths run: float32, and bfloat16 where oneDNN supports it on this CPU (AVX512-BW
+    or newer; elsewhere bf16 autocast keeps the plain layers, which work everywhere)."""
+    if not _BF16:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        _BF16.append(bool(check()) if check is not None else False)
+    return (torch.float32, torch.bfloat16) if _BF16[0] else (torch.float32,)
+
+
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an autocast-eligible operation on ``device_type`` runs in: autocast's when it is on, else ``dtype``."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else dtype
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else dtype
 
 
 def prepack_available() -> str | None:
-    """None when this PyTorch can run prepacked convolutions, else the reason it cannot."""
+    """None when this PyTorch can run prepacked sampling, else the reason it cannot."""
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch is built without oneDNN (mkldnn)"
-    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise") or not hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"):
-        return f"this PyTorch ({torch.__version__}) lacks oneDNN's prepacked convolution operators"
+    ops = ("_convolution_pointwise", "_linear_pointwise", "_reorder_linear_weight")
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ops) or not hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"):
+        return f"this PyTorch ({torch.__version__}) lacks oneDNN's prepacked convolution and linear operators"
     return None
+
+
+def version_of(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter (0 for an inference tensor, which has none)."""
+    return 0 if t.is_inference() else t._version
 
 
 class Packable:
@@ -51,7 +76,7 @@ class Packable:
         return self._packs is not None and not torch.is_grad_enabled()
 
     def _pack(self, name: object, tensors: tuple[torch.Tensor, ...], build):
-        key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+        key = tuple((t.data_ptr(), version_of(t), t.device) for t in tensors)
         hit = self._packs.get(name)  # type: ignore[union-attr]
         if hit is None or hit[0] != key:
             hit = (key, build())
@@ -66,8 +91,8 @@ class Conv2d(Packable, nn.Conv2d):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if self.packing() and x.device.type == "cpu":
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            if dtype in _DTYPES and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            dtype = compute_dtype("cpu", x.dtype)
+            if dtype in _dtypes() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
                 return self._packed_forward(x.to(dtype), add)
         y = super().forward(x)
         return y if add is None else add + y
@@ -124,9 +149,9 @@ class Linear(Packable, nn.Linear):
         """The dtype the packed product would run in for ``x``, or None where the plain layer runs."""
         if not self.packing() or x.device.type != "cpu" or self.bias is None:
             return None
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype("cpu", x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)
-        if dtype not in _DTYPES or (rows < self.PACKED_MIN_ROWS and self.out_features < self.PACKED_MIN_OUT):
+        if dtype not in _dtypes() or (rows < self.PACKED_MIN_ROWS and self.out_features < self.PACKED_MIN_OUT):
             return None
         return dtype
 
@@ -152,7 +177,8 @@ class Linear(Packable, nn.Linear):
 
 @contextlib.contextmanager
 def prepacked(module: nn.Module) -> Iterator[None]:
-    """Inside this block, every :class:`Packable` part of ``module`` (convolutions, attention) runs prepacked when called without autograd on
+    """Inside this block, every :class:`Packable` part of ``module`` (convolutions, linear layers, group norms,
+    attention, the UNet itself) runs prepacked when called without autograd on
     a CPU; the packed weights are dropped on leaving it."""
     reason = prepack_available()
     if reason:
