@@ -154,25 +154,18 @@ def main() -> None:
     conv_w = torch.randn(c, c, 3, 3, generator=g) * (1.0 / (9 * c)) ** 0.5
     conv_x16, conv_w16 = conv_x.bfloat16(), conv_w.bfloat16()
 
-    def forward_fp32() -> None:
-        with torch.inference_mode():
-            unet(x, t, **kw)
-
-    def forward_bf16() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            unet(x, t, **kw)
+    def forward(model, bf16: bool):
+        """One guided-batch forward of ``model`` under inference mode, in float32 or under bf16 autocast."""
+        def run() -> None:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(x, t, **kw)
+        return run
 
     packed_unet = copy.deepcopy(unet)  # sample(..., prepack=True)'s UNet: packed at the first call, kept after
     packing = contextlib.ExitStack()
     packing.enter_context(packed_unet.prepacked())
-
-    def forward_fp32_prepack() -> None:
-        with torch.inference_mode():
-            packed_unet(x, t, **kw)
-
-    def forward_bf16_prepack() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            packed_unet(x, t, **kw)
+    forward_fp32, forward_bf16 = forward(unet, False), forward(unet, True)
+    forward_fp32_prepack, forward_bf16_prepack = forward(packed_unet, False), forward(packed_unet, True)
 
     def train_fp32() -> None:
         unet.train()
@@ -220,6 +213,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rows[name]()
             times[name].append(time.perf_counter() - t0)
+    packing.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     gflops = {k: flops[k] / med[k] / 1e9 for k in rows}
     fraction = {
