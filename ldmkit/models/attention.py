@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldmkit.models.prepack import GroupNorm, Linear, Packable, compute_dtype, version_of
+from ldmkit.models.prepack import GroupNorm, Linear, Packable, compute_dtype
 
 __all__ = ["Attention", "GEGLU", "TransformerBlock", "SpatialTransformer", "group_norm", "position_code"]
 
@@ -104,35 +104,31 @@ class Attention(Packable, nn.Module):
                            lambda: torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
             return F.linear(x, w).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
         q = self.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)
-        cached = self._context_cache(context)
-        return q, cached["k"], cached["v"]
+        return (q, *self._context_kv(context))
 
     def single_key(self, context: torch.Tensor | None) -> bool:
         """Whether, prepacked, this call takes the single-context-token path (its queries are not used)."""
         return context is not None and context.shape[1] == 1 and self.packing()
 
-    def _context_cache(self, context: torch.Tensor) -> dict:
-        """The context's k and v ``(B, heads, M, d)``, computed once per context tensor, weights and dtype."""
-        w = self._pack("kv", (self.to_k.weight, self.to_v.weight), lambda: torch.cat([self.to_k.weight, self.to_v.weight]))
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's k and v ``(B, heads, M, d)`` in one product, kept while the context tensor, its version
+        and the weights are unchanged (the cached entry holds the context, so its storage cannot be reused)."""
+        def build():
+            w = torch.cat([self.to_k.weight, self.to_v.weight])
+            return context, *F.linear(context, w).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
         dtype = compute_dtype(context.device.type, context.dtype)
-        version = version_of(context)  # a context changed in place is new too
-        hit = self._packs.get("context")  # type: ignore[union-attr]
-        if (hit is None or hit["context"] is not context or hit["version"] != version or hit["w"] is not w
-                or hit["dtype"] != dtype):
-            k, v = F.linear(context, w).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-            hit = {"context": context, "version": version, "w": w, "dtype": dtype, "k": k, "v": v}  # held: storage kept
-            self._packs["context"] = hit  # type: ignore[index]
-        return hit
+        _, k, v = self._pack(("kv", dtype), (context, self.to_k.weight, self.to_v.weight), build)
+        return k, v
 
     def _single_key_output(self, context: torch.Tensor) -> torch.Tensor:
-        """``to_out(v)`` of the one context token, ``(B, 1, dim)``, kept with the context's k and v."""
-        cached = self._context_cache(context)
-        out = self.to_out
-        key = tuple((t.data_ptr(), version_of(t)) for t in (out.weight, out.bias))
-        if cached.get("out_key") != key:
-            cached["out"] = out(rearrange(cached["v"], "b h m d -> b m (h d)"))
-            cached["out_key"] = key
-        return cached["out"]
+        """``to_out(v)`` of the one context token, ``(B, 1, dim)``, kept like the context's k and v."""
+        def build():
+            return context, self.to_out(rearrange(self._context_kv(context)[1], "b h m d -> b m (h d)"))
+
+        dtype = compute_dtype(context.device.type, context.dtype)
+        tensors = (context, self.to_k.weight, self.to_v.weight, self.to_out.weight, self.to_out.bias)
+        return self._pack(("out", dtype), tensors, build)[1]
 
 
 class GEGLU(nn.Module):

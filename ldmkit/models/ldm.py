@@ -205,10 +205,11 @@ class LatentDiffusion(nn.Module):
         it, with a warning.
 
         ``prepack=True`` (a CPU model) runs the UNet channels-last with its convolution and large linear
-        weights reordered once for oneDNN, residual adds fused into them, q/k/v and the timestep projections
-        each in one product, and the context's keys and values computed once per sampling run (per chunk of
-        ``max_batch`` images) instead of at every step (:mod:`ldmkit.models.prepack`). The same network up to float rounding (opt-in, because the
-        images can differ from the default path's in the last bits); docs/performance.md has the speed.
+        weights reordered once for oneDNN (once for all chunks of ``max_batch`` images), residual adds fused
+        into them, q/k/v and the timestep projections each in one product, and the context's keys and values
+        computed once per chunk instead of at every step (:mod:`ldmkit.models.prepack`). The same network up
+        to float rounding (opt-in, because the images can differ from the default path's in the last bits);
+        docs/performance.md has the speed.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -253,15 +254,16 @@ class LatentDiffusion(nn.Module):
                     "(`ldmkit sample` writes images as it goes)"
                 )
             parts = []
-            for k, start in enumerate(range(0, b, self.max_batch)):
-                part = {key: v[start : start + self.max_batch] for key, v in conditions.items()}
-                neg = {key: v[start : start + self.max_batch] for key, v in (negative or {}).items()} or None
-                parts.append(self.sample(part or None, n=None if part else min(self.max_batch, b - start),
-                                         guidance=guidance if explicit_guidance else None, negative=neg,
-                                         sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
-                                         width=width, callback=callback, keep_known=keep_known, paste=paste,
-                                         precision=precision, cuda_graph=cuda_graph, prepack=prepack,
-                                         **sampler_options))
+            with self.unet.prepacked() if prepack else contextlib.nullcontext():  # packed once for all chunks
+                for k, start in enumerate(range(0, b, self.max_batch)):
+                    part = {key: v[start : start + self.max_batch] for key, v in conditions.items()}
+                    neg = {key: v[start : start + self.max_batch] for key, v in (negative or {}).items()} or None
+                    parts.append(self.sample(part or None, n=None if part else min(self.max_batch, b - start),
+                                             guidance=guidance if explicit_guidance else None, negative=neg,
+                                             sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
+                                             width=width, callback=callback, keep_known=keep_known, paste=paste,
+                                             precision=precision, cuda_graph=cuda_graph, prepack=prepack,
+                                             **sampler_options))
             return torch.cat(parts)
         device = self.device
         generator = torch.Generator(device="cpu").manual_seed(seed)
