@@ -11,7 +11,10 @@ agree within 2 %. Timings are medians of paired, interleaved runs (ldmkit, diffu
 - sample step: one forward under ``torch.inference_mode`` on a doubled batch (classifier-free
   guidance evaluated as one batched call). On the CPU also ``ldmkit_prepack``: the same
   weights inside ``UNet.prepacked()``, entered once, as ``sample(..., prepack=True)`` runs a sampling loop
-  (weights packed at the first step and kept; the context's keys and values kept across steps).
+  (weights packed at the first step and kept; the context's keys and values kept across steps), and
+  ``ldmkit_compiled``: inside ``UNet.compiled()``, as ``sample(..., compile=True)`` runs it (torch.compile,
+  inductor, weights frozen; compiled at the first warm-up call, whose time is reported as ``compile_s``;
+  ``--no-compile`` leaves it out).
 
 Ratios are diffusers time / ldmkit time, so above 1 means ldmkit is faster. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA, and on the CPU the growth of the peak resident set of a
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--latent", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="CPU: leave out the compiled sample step (its compile takes tens of seconds)")
     p.add_argument("--memory-child", choices=["ldmkit", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -164,6 +169,11 @@ def main() -> None:
         models["ldmkit_prepack"] = build("ldmkit", args.device)  # the same weights (same seed)
         stack.enter_context(models["ldmkit_prepack"][0].prepacked())
         runs["sample"]["ldmkit_prepack"] = lambda: sample_step("ldmkit_prepack")
+    compiled = None
+    if args.device == "cpu" and args.compile:  # as sample(..., compile=True) runs it: compiled at the first step
+        models["ldmkit_compiled"] = build("ldmkit", args.device)
+        compiled = stack.enter_context(models["ldmkit_compiled"][0].compiled())
+        runs["sample"]["ldmkit_compiled"] = lambda: sample_step("ldmkit_compiled")
     times: dict[str, dict[str, list[float]]] = {k: {w: [] for w in fns} for k, fns in runs.items()}
     for kind, fns in runs.items():
         for fn in fns.values():  # warm-up
@@ -173,7 +183,11 @@ def main() -> None:
             order = list(fns) if r % 2 == 0 else list(reversed(fns))
             for w in order:
                 times[kind][w].append(fns[w]())
-    stack.close()  # the prepacked model's packs are dropped
+    stack.close()  # the prepacked model's packs are dropped; the compiled model runs eagerly again
+    if compiled is not None:
+        if compiled.failed:
+            raise SystemExit(f"torch.compile failed: {compiled.failed}")
+        print(f"compiled the UNet in {compiled.seconds:.1f} s")
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
     for k in med:
         print(f"{k:<6} step: " + "  ".join(f"{w} {v * 1000:.1f} ms" for w, v in med[k].items()))
@@ -209,6 +223,9 @@ def main() -> None:
         "sample_step_ratio": round(med["sample"]["diffusers"] / med["sample"]["ldmkit"], 3),
         "sample_step_ratio_prepack": (round(med["sample"]["diffusers"] / med["sample"]["ldmkit_prepack"], 3)
                                       if "ldmkit_prepack" in med["sample"] else None),
+        "sample_step_ratio_compiled": (round(med["sample"]["diffusers"] / med["sample"]["ldmkit_compiled"], 3)
+                                       if "ldmkit_compiled" in med["sample"] else None),
+        "compile_s": round(compiled.seconds, 1) if compiled is not None else None,
         "peak_memory_mib": memory,
     }))
 

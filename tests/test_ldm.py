@@ -313,6 +313,55 @@ def test_prepack_gives_the_plain_images_up_to_rounding_and_is_refused_off_the_cp
         model.sample({"label": [1]}, steps=2, prepack=True)
 
 
+@pytest.mark.slow
+def test_compile_gives_the_plain_images_up_to_rounding_recompiles_for_new_weights_and_falls_back(ae_path, tmp_path, monkeypatch):
+    """sample(compile=True) really compiles (inductor, weights frozen) and gives the plain images up to
+    rounding; a second run reuses the compiled code; weights changed in place are not served stale; a failed
+    compile warns and samples on the plain path; bad values are refused by name. At 16 x 16 pixels the
+    latent is 4 x 4, so the UNet's deepest level is 2 x 2: its 3x3 convolutions run as matrix products."""
+    from ldmkit.models.compiled import compiled_state
+
+    model = load_ldm(save_ldm(perturbed_model(train_cfg(ae_path, tmp_path / "x").model), tmp_path / "m.safetensors"))
+    size = dict(height=16, width=16, steps=3, seed=5)
+    plain = model.sample({"label": [1, 2, 3]}, **size)
+    fast = model.sample({"label": [1, 2, 3]}, compile=True, **size)
+    state = compiled_state(model.unet)
+    assert state.failed is None and state.seconds > 0 and len(state.shapes) == 1  # compiled, not the fallback
+    assert (plain - fast).abs().max() < 2e-3 and (plain - fast).abs().mean() < 2e-4
+    small = [n for n, _ in model.unet.named_buffers() if "small_weight_2x2" in n]
+    assert small and not any("small_" in k for k in model.unet.state_dict())  # derived, never saved
+    spent = state.seconds
+    assert torch.equal(fast, model.sample({"label": [1, 2, 3]}, compile=True, **size))
+    assert state.seconds == spent  # the same shapes and weights: nothing compiled again
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.mul_(1.1)
+    plain = model.sample({"label": [1, 2, 3]}, **size)
+    fast = model.sample({"label": [1, 2, 3]}, compile=True, **size)
+    assert (plain - fast).abs().max() < 2e-3 and state.seconds > spent  # compiled again on the new weights
+    plain = model.sample({"label": [1, 2, 3]}, precision="bf16", **size)
+    fast = model.sample({"label": [1, 2, 3]}, precision="bf16", compile=True, **size)
+    assert (plain - fast).abs().mean() < 5e-3 and state.failed is None  # bf16 autocast compiles too
+    with pytest.raises(ValueError, match="latent size"):  # an error of the inputs is raised, not taken for a failed compile
+        with model.unet.compiled(), torch.no_grad():
+            model.unet(torch.zeros(1, 3, 7, 7), torch.zeros(1))
+    assert state.failed is None
+
+    other = load_ldm(tmp_path / "m.safetensors")  # a new UNet: its own state; make its compile fail
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a: (_ for _ in ()).throw(RuntimeError("no C++ compiler"))))
+    plain = other.sample({"label": [4, 5]}, steps=2, seed=1)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of the UNet failed \(RuntimeError: no C\+\+ compiler\); sampling continues"):
+        fast = other.sample({"label": [4, 5]}, steps=2, seed=1, compile=True)
+    assert torch.equal(plain, fast) and compiled_state(other.unet).failed
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        model.sample({"label": [1]}, steps=2, compile="yes")
+    with pytest.raises(ValueError, match="compile=True and prepack=True are alternatives"):
+        model.sample({"label": [1]}, steps=2, compile=True, prepack=True)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    with pytest.raises(ValueError, match="compile=True is for a model on the CPU; this one is on cuda"):
+        model.sample({"label": [1]}, steps=2, compile=True)
+
+
 def test_two_conditioners_on_one_key_both_condition_and_negative_alone_steers(ae_path, tmp_path):
     cfg = train_cfg(ae_path, tmp_path / "x").model
     model = perturbed_model(cfg).eval()
@@ -378,6 +427,11 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
     packed = run("--cond", "label=4", "--n", "1", "--steps", "2", "--prepack", "--out", str(tmp_path / "p"))
     assert packed.returncode == 0, packed.stderr
     assert json.loads((tmp_path / "p/0000.json").read_text())["prepack"] is True
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}  # torch.compile a no-op: the flag's plumbing, not inductor
+    fast = subprocess.run([sys.executable, "-m", "ldmkit.cli", "sample", str(path), "--cond", "label=4", "--n", "1",
+                           "--steps", "2", "--compile", "--out", str(tmp_path / "c")], capture_output=True, text=True, env=env)
+    assert fast.returncode == 0 and "compiling the UNet" in fast.stderr, fast.stderr
+    assert json.loads((tmp_path / "c/0000.json").read_text())["compile"] is True
     again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
     assert again.returncode == 0
     assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()
@@ -527,12 +581,13 @@ def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path
         {"type": "text", "width": 16, "layers": 1, "heads": 2, "context_length": 16, "dropout": 0.3}]
     model = LatentDiffusion(load_config(data), Autoencoder(AutoencoderConfig(**TINY_AE)))
     path = save_ldm(model, tmp_path / "m.safetensors")
-    seen, prepacks = [], []
+    seen, prepacks, compiles = [], [], []
     original = LatentDiffusion.sample
 
     def spy(self, conditions=None, **kw):
         seen.append(sorted(conditions or {}))
         prepacks.append(kw.get("prepack"))
+        compiles.append(kw.pop("compile", None))  # recorded, not run: test_compile_... compiles
         return original(self, conditions, **kw)
 
     LatentDiffusion.sample = spy
@@ -547,6 +602,8 @@ def test_eval_gives_a_composed_model_only_the_suites_condition(ae_path, tmp_path
         assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--keys", "boxes"]) == 2
         assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--steps", "1", "--prepack", "--json"]) == 0
         assert prepacks[-1] is True and prepacks[0] is False  # `ldmkit eval --prepack` reaches model.sample
+        assert main(["eval", str(path), "--suite", "shapes-class", "--n", "2", "--steps", "1", "--compile", "--json"]) == 0
+        assert compiles[-1] is True and compiles[0] is False
     finally:
         LatentDiffusion.sample = original
 

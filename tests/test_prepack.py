@@ -138,3 +138,32 @@ def test_wait_policy_keeps_a_users_setting_and_reads_the_machine():
     assert choose({"OMP_NUM_THREADS": "0"}, 1).startswith("passive")
     found = other_running()
     assert found is None or found >= 0
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_small_3x3_convolution_as_one_matrix_product_is_the_convolution(hw, bias):
+    """What compiled sampling does at the UNet's 2 x 2 level: the same sums, and its weights as buffers
+    that are never saved; anything else (3 x 3 inputs, stride 2, 1x1 kernels) stays a convolution."""
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, 3, padding=1, bias=bias)
+    x = torch.randn(4, 6, *hw)
+    ref = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert conv._small_input(x)
+    try:
+        Conv2d.small_as_linear = True
+        with torch.no_grad():
+            out = conv(x)
+            Conv2d.build_small = True
+            built = conv(x)
+            Conv2d.build_small = False
+            again = conv(x)
+    finally:
+        Conv2d.small_as_linear = Conv2d.build_small = False
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(built, ref, atol=1e-5) and torch.equal(built, again)
+    assert f"small_weight_{hw[0]}x{hw[1]}" in dict(conv.named_buffers())
+    assert set(conv.state_dict()) == ({"weight", "bias"} if bias else {"weight"})
+    assert not conv._small_input(torch.randn(1, 6, 3, 3)) and not conv._small_input(torch.randn(1, 6, 2, 3))
+    assert not Conv2d(6, 5, 3, stride=2, padding=1)._small_input(x) and not Conv2d(6, 5, 1)._small_input(x)
+    with torch.no_grad():
+        assert torch.equal(conv(x), nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))  # flag off: plain

@@ -174,6 +174,7 @@ class LatentDiffusion(nn.Module):
         precision: str = "fp32",
         cuda_graph: bool = False,
         prepack: bool = False,
+        compile: bool = False,
         **sampler_options: Any,
     ) -> Tensor:
         """Generate images in [-1, 1], shape (B, 3, H, W).
@@ -210,6 +211,12 @@ class LatentDiffusion(nn.Module):
         computed once per chunk instead of at every step (:mod:`ldmkit.models.prepack`). The same network up
         to float rounding (opt-in, because the images can differ from the default path's in the last bits);
         docs/performance.md has the speed.
+
+        ``compile=True`` (a CPU model) runs the UNet through ``torch.compile`` (inductor) with its weights
+        frozen into the compiled code (:mod:`ldmkit.models.compiled`): the fastest float32 step, after a
+        compile of tens of seconds at the first step (and again for a new batch shape, or after the weights
+        change); it pays off for long runs. The same network up to float rounding (opt-in); if compilation
+        fails, sampling continues on the plain path with a warning. Not combined with ``prepack``.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -223,6 +230,14 @@ class LatentDiffusion(nn.Module):
         if prepack and self.device.type != "cpu":
             raise ValueError(f"prepack=True is for a model on the CPU; this one is on {self.device.type} "
                              "(on a GPU use cuda_graph=True)")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false; got {compile!r}")
+        if compile and self.device.type != "cpu":
+            raise ValueError(f"compile=True is for a model on the CPU; this one is on {self.device.type} "
+                             "(on a GPU use cuda_graph=True)")
+        if compile and prepack:
+            raise ValueError("compile=True and prepack=True are alternatives (both speed up the CPU's UNet step); "
+                             "choose one")
         conditions = self.check_conditions(conditions or {})
         explicit_guidance = guidance is not None
         if guidance is None:
@@ -254,7 +269,7 @@ class LatentDiffusion(nn.Module):
                     "(`ldmkit sample` writes images as it goes)"
                 )
             parts = []
-            with self.unet.prepacked() if prepack else contextlib.nullcontext():  # packed once for all chunks
+            with self._fast_path(prepack, compile):  # packed or compiled once for all chunks
                 for k, start in enumerate(range(0, b, self.max_batch)):
                     part = {key: v[start : start + self.max_batch] for key, v in conditions.items()}
                     neg = {key: v[start : start + self.max_batch] for key, v in (negative or {}).items()} or None
@@ -263,7 +278,7 @@ class LatentDiffusion(nn.Module):
                                              sampler=sampler, steps=steps, seed=seed + 1000 * k, height=height,
                                              width=width, callback=callback, keep_known=keep_known, paste=paste,
                                              precision=precision, cuda_graph=cuda_graph, prepack=prepack,
-                                             **sampler_options))
+                                             compile=compile, **sampler_options))
             return torch.cat(parts)
         device = self.device
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -322,7 +337,7 @@ class LatentDiffusion(nn.Module):
             if keep_known and known:
                 denoise = self._keep_known(denoise, known, seed)
             run = get_sampler(sampler)
-            with self.unet.prepacked() if prepack else contextlib.nullcontext():
+            with self._fast_path(prepack, compile):
                 z = run(denoise, x_T, self.schedule, steps=steps, generator=generator.manual_seed(seed + 1),
                         callback=callback, **sampler_options)
         if keep_known:
@@ -334,6 +349,12 @@ class LatentDiffusion(nn.Module):
                 if pixels is not None:
                     images = k * pixels.to(images) + (1 - k) * images
         return images
+
+    def _fast_path(self, prepack: bool, compile: bool) -> contextlib.AbstractContextManager:
+        """The UNet's prepacked or compiled context for a sampling run (or none)."""
+        if prepack:
+            return self.unet.prepacked()
+        return self.unet.compiled() if compile else contextlib.nullcontext()
 
     def _known_regions(self, conditions: Mapping[str, list[Any]], device: torch.device) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """``[(z0, known, pixels, known_pixels)]`` from every given conditioner that knows part of the result."""
@@ -409,7 +430,7 @@ class LatentDiffusion(nn.Module):
             )
 
     _SAMPLE_OPTIONS = ("n", "guidance", "negative", "sampler", "steps", "seed", "height", "width", "callback",
-                       "keep_known", "paste", "precision", "prepack")
+                       "keep_known", "paste", "precision", "prepack", "compile")
 
     def forward(self, conditions: Mapping[str, Sequence[Any]] | None = None, **kwargs: Any) -> list[Any]:
         """The pipeline call: ``model(label=[3, 5], guidance=2.0, steps=50, seed=0)`` → PIL images.

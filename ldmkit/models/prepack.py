@@ -25,6 +25,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Conv2d", "GroupNorm", "Linear", "Packable", "channels_last", "compute_dtype", "prepack_available",
@@ -89,13 +90,56 @@ class Conv2d(Packable, nn.Conv2d):
     prepacked path used inside :func:`prepacked` (see the module docstring). Outside it, or wherever autograd
     records, it runs exactly as ``nn.Conv2d``."""
 
+    #: Set by :mod:`ldmkit.models.compiled` around its compiled calls: a 3x3 convolution over an input of at most
+    #: 2 x 2 positions runs as one matrix product (:meth:`_small_as_linear`); with ``build_small`` also set (an
+    #: eager pass before compiling) each such layer first stores that product's weight as a buffer, which
+    #: weight freezing then packs as a constant.
+    small_as_linear = False
+    build_small = False
+
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if self.packing() and x.device.type == "cpu":
             dtype = compute_dtype("cpu", x.dtype)
             if dtype in _dtypes() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
                 return self._packed_forward(x.to(dtype), add)
-        y = super().forward(x)
+        if Conv2d.small_as_linear and self._small_input(x):
+            y = self._small_as_linear(x)
+        else:
+            y = super().forward(x)
         return y if add is None else add + y
+
+    def _small_input(self, x: torch.Tensor) -> bool:
+        """A 3x3, stride-1, zero-padded-by-1 convolution over at most 2 x 2 positions: every kernel tap that
+        reaches a real input position is known, so the convolution is one (in·H·W) -> (out·H·W) product."""
+        return (x.dim() == 4 and x.shape[-2] <= 2 and x.shape[-1] <= 2 and self.kernel_size == (3, 3)
+                and self.stride == (1, 1) and self.padding == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding_mode == "zeros")
+
+    def _small_weights(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The matrix product's weight and bias for an ``h x w`` input (see :meth:`_small_as_linear`)."""
+        iy, ix = torch.arange(h, device=self.weight.device), torch.arange(w, device=self.weight.device)
+        ky = iy[None, :] - iy[:, None] + 1  # (oy, iy)
+        kx = ix[None, :] - ix[:, None] + 1  # (ox, ix)
+        weight = self.weight[:, :, ky[:, None, :, None], kx[None, :, None, :]]  # (out, in, oy, ox, iy, ix)
+        weight = weight.permute(0, 2, 3, 1, 4, 5).reshape(self.out_channels * h * w, self.in_channels * h * w)
+        return weight, None if self.bias is None else self.bias.repeat_interleave(h * w)
+
+    def _small_as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of :meth:`_small_input` as a matrix product: output position (oy, ox) takes input
+        (iy, ix) through tap (iy - oy + 1, ix - ox + 1), which is inside the 3x3 kernel for every pair when
+        H, W <= 2 — no padding arithmetic, the same sums in another order. oneDNN's direct kernels spend most
+        of their time on the padding there (a 3x3 kernel over 2 x 2 positions touches 4 of its 9 taps)."""
+        n, c, h, w = x.shape
+        name = f"small_weight_{h}x{w}"
+        if Conv2d.build_small:
+            weight, bias = (t.detach().contiguous() if t is not None else None for t in self._small_weights(h, w))
+            self.register_buffer(name, weight, persistent=False)
+            self.register_buffer(f"small_bias_{h}x{w}", bias, persistent=False)
+        if name in self._buffers:
+            weight, bias = self._buffers[name], self._buffers[f"small_bias_{h}x{w}"]
+        else:
+            weight, bias = self._small_weights(h, w)
+        return F.linear(x.reshape(n, c * h * w), weight.to(x.dtype), bias).view(n, self.out_channels, h, w)
 
     def _packed_forward(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
         def build():

@@ -15,6 +15,7 @@ last level; a middle ResBlock–Transformer–ResBlock; the mirrored decoder wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from ldmkit.conditioning import UNetWiring
 from ldmkit.config import UNetConfig
 from ldmkit.models.attention import SpatialTransformer, group_norm
+from ldmkit.models.compiled import CompiledForward, compiled, compiled_state
 from ldmkit.models.prepack import Conv2d, Packable, channels_last, prepacked
 
 __all__ = ["UNet", "timestep_embedding"]
@@ -134,6 +136,14 @@ class UNet(Packable, nn.Module):
         the same function up to float rounding. ``model.sample(..., prepack=True)`` uses it."""
         return prepacked(self)
 
+    _compiling = False  # True inside compiled()
+
+    def compiled(self) -> contextlib.AbstractContextManager[CompiledForward]:
+        """A context in which the UNet, called without autograd, runs its forward through ``torch.compile``
+        (inductor, weights frozen; :mod:`ldmkit.models.compiled`): the same function up to float rounding,
+        compiled at the first call. ``model.sample(..., compile=True)`` uses it."""
+        return compiled(self, UNet._forward)
+
     def _emb_projections(self, emb: torch.Tensor) -> list[torch.Tensor]:
         """Every ResBlock's ``emb_layers(emb)``, in call order, from one matrix product (all take SiLU(emb))."""
         linears = [b.res.emb_layers[1] for blocks in (*self.down, self.mid, *self.up) for b in blocks]
@@ -156,6 +166,20 @@ class UNet(Packable, nn.Module):
         channels: torch.Tensor | None = None,
         vector: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self._compiling and not torch.is_grad_enabled():
+            return compiled_state(self)(x, t, context, context_mask, channels, vector)
+        return self._forward(x, t, context, context_mask, channels, vector)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        channels: torch.Tensor | None = None,
+        vector: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The forward pass (``forward`` runs it, compiled inside :meth:`compiled`)."""
         if x.shape[-1] % self.min_size_multiple or x.shape[-2] % self.min_size_multiple:
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} must be a multiple of {self.min_size_multiple} "
