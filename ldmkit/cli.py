@@ -445,9 +445,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                         "adds and the context's keys/values kept across steps; faster, images equal up to float "
                         "rounding (default off)")
     p.add_argument("--compile", action="store_true", default=SAMPLING_DEFAULTS["compile"],
-                   help="CPU: run the UNet through torch.compile with its weights frozen; the fastest float32 step "
-                        "after a compile of tens of seconds at the first step, so for long runs; images equal up to "
-                        "float rounding; not with --prepack (default off)")
+                   help="CPU: run the UNet through torch.compile with its weights frozen; the fastest float32 step at "
+                        "small batches, after a compile of ~40 s at the first step that a single run rarely repays "
+                        "(docs/performance.md); images equal up to float rounding; not with --prepack (default off)")
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
