@@ -170,16 +170,8 @@ class UNet(Packable, nn.Module):
             return compiled_state(self)(x, t, context, context_mask, channels, vector)
         return self._forward(x, t, context, context_mask, channels, vector)
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        channels: torch.Tensor | None = None,
-        vector: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The forward pass (``forward`` runs it, compiled inside :meth:`compiled`)."""
+    def _forward(self, x, t, context, context_mask, channels, vector) -> torch.Tensor:  # noqa: ANN001
+        """The forward pass, arguments as :meth:`forward`'s (which runs it, compiled inside :meth:`compiled`)."""
         if x.shape[-1] % self.min_size_multiple or x.shape[-2] % self.min_size_multiple:
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} must be a multiple of {self.min_size_multiple} "
