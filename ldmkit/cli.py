@@ -395,6 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
     if args.reference and args.shuffled:
         raise ValueError("--reference and --shuffled exclude each other")
+    _sampling_options(args)
     if args.model is None and not (args.reference or args.shuffled):
         raise ValueError("give a MODEL to evaluate, or --reference (the ceiling) / --shuffled (the floor)")
     if args.model is not None and (args.reference or args.shuffled):
@@ -451,6 +452,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options as ``model.sample`` takes them (checked before any model is loaded)."""
+    if args.compile and args.prepack:
+        raise ValueError("--compile and --prepack are alternatives (both speed up the UNet step on a CPU); give one")
     return {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
 
 
@@ -610,6 +614,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch must be in 1..4096 images, got {args.batch}")
     if not 0 <= args.seed < 2**62:
         raise ValueError(f"--seed must be in 0..2**62-1, got {args.seed}")
+    _sampling_options(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the PNGs, JSON and grid.png")

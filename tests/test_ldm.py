@@ -319,26 +319,36 @@ def test_compile_gives_the_plain_images_up_to_rounding_recompiles_for_new_weight
     rounding; a second run reuses the compiled code; weights changed in place are not served stale; a failed
     compile warns and samples on the plain path; bad values are refused by name. At 16 x 16 pixels the
     latent is 4 x 4, so the UNet's deepest level is 2 x 2: its 3x3 convolutions run as matrix products."""
+    from torch._dynamo.utils import counters
+
     from ldmkit.models.compiled import compiled_state
 
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731 - graphs dynamo has compiled in this process
     model = load_ldm(save_ldm(perturbed_model(train_cfg(ae_path, tmp_path / "x").model), tmp_path / "m.safetensors"))
     size = dict(height=16, width=16, steps=3, seed=5)
     plain = model.sample({"label": [1, 2, 3]}, **size)
+    before = graphs()
     fast = model.sample({"label": [1, 2, 3]}, compile=True, **size)
     state = compiled_state(model.unet)
-    assert state.failed is None and state.seconds > 0 and len(state.shapes) == 1  # compiled, not the fallback
+    assert state.failed is None and graphs() == before + 1 and len(state.shapes) == 1  # one graph, no fallback
     assert (plain - fast).abs().max() < 2e-3 and (plain - fast).abs().mean() < 2e-4
     small = [n for n, _ in model.unet.named_buffers() if "small_weight_2x2" in n]
     assert small and not any("small_" in k for k in model.unet.state_dict())  # derived, never saved
-    spent = state.seconds
     assert torch.equal(fast, model.sample({"label": [1, 2, 3]}, compile=True, **size))
-    assert state.seconds == spent  # the same shapes and weights: nothing compiled again
+    assert graphs() == before + 1  # the same shapes and weights: nothing compiled again
+    two = model.sample({"label": [1, 2]}, compile=True, **size)  # another batch: compiled for it ...
+    assert (two - model.sample({"label": [1, 2]}, **size)).abs().max() < 2e-3 and graphs() == before + 2
+    assert torch.equal(fast, model.sample({"label": [1, 2, 3]}, compile=True, **size))
+    assert graphs() == before + 2  # ... and the first batch's graph is still the one used
     with torch.no_grad():
         for p in model.unet.parameters():
             p.mul_(1.1)
     plain = model.sample({"label": [1, 2, 3]}, **size)
     fast = model.sample({"label": [1, 2, 3]}, compile=True, **size)
-    assert (plain - fast).abs().max() < 2e-3 and state.seconds > spent  # compiled again on the new weights
+    assert (plain - fast).abs().max() < 2e-3 and graphs() == before + 3  # compiled again on the new weights
+    other = load_ldm(tmp_path / "m.safetensors")  # a second UNet of the same code, its own (unscaled) weights
+    mine = other.sample({"label": [1, 2, 3]}, compile=True, **size)
+    assert (mine - other.sample({"label": [1, 2, 3]}, **size)).abs().max() < 2e-3 and (mine - fast).abs().max() > 0.01
     plain = model.sample({"label": [1, 2, 3]}, precision="bf16", **size)
     fast = model.sample({"label": [1, 2, 3]}, precision="bf16", compile=True, **size)
     assert (plain - fast).abs().mean() < 5e-3 and state.failed is None  # bf16 autocast compiles too
@@ -432,6 +442,9 @@ def test_sample_cli_checks_conditions_before_sampling_and_writes_reproducible_js
                            "--steps", "2", "--compile", "--out", str(tmp_path / "c")], capture_output=True, text=True, env=env)
     assert fast.returncode == 0 and "compiling the UNet" in fast.stderr, fast.stderr
     assert json.loads((tmp_path / "c/0000.json").read_text())["compile"] is True
+    both = run("--cond", "label=4", "--compile", "--prepack", "--out", str(tmp_path / "cp"))
+    assert both.returncode == 2 and "--compile and --prepack are alternatives" in both.stderr
+    assert not (tmp_path / "cp").exists() and "Traceback" not in both.stderr
     again = run("--cond", "label=4", "--n", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o2"))
     assert again.returncode == 0
     assert (tmp_path / "o/0001.png").read_bytes() == (tmp_path / "o2/0001.png").read_bytes()

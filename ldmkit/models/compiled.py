@@ -5,7 +5,7 @@ call, a dispatch and a parallel region. Inside :func:`compiled` (autograd off, s
 forward runs through ``torch.compile`` (inductor) with weight freezing: the weights become constants, the
 convolution and linear weights are reordered once for oneDNN, and the elementwise work between them
 (GroupNorm, SiLU, GELU, residual adds) is fused into generated C++ loops. Measured on the benchmark's UNet
-(docs/performance.md): about 1.5x faster per step than diffusers' eager UNet, after a compile of about
+(docs/performance.md): 1.56-1.60x diffusers' eager UNet per step at batch 32, after a compile of about
 40 s on 2 cores, repaid after some 1,700 steps of one batch shape (about 24 ms saved per step at batch 32):
 for processes that sample again and again, not for a single run (docs/performance.md has the measurements).
 
@@ -15,9 +15,11 @@ most 2 x 2 positions (the UNet's deepest level at 8 x 8 latents) runs as one mat
 (:meth:`ldmkit.models.prepack.Conv2d._small_as_linear`), which oneDNN's direct kernels are slow at. Because
 freezing bakes the weights into the compiled code, the first call in each :func:`compiled` block checks that
 the weights are those it compiled (every parameter's storage and in-place version; weights changed in the
-middle of a block are not noticed); if they changed, it compiles again (``torch._dynamo.reset()``, which also drops other compiled
-functions of this process). If compilation fails (no C++ compiler, an unsupported operator), the run
-continues on the plain path with one warning.
+middle of a block are not noticed); if they changed, it compiles again (dropping this function's compiled
+code: ``torch._dynamo.reset_code``, or on a PyTorch without it ``torch._dynamo.reset()``, which drops every
+compiled function of the process). If compilation fails (no C++ compiler, an unsupported operator, a
+graph break, dynamo's limit of 8 compiled variants of one function — models x batch shapes x precisions
+— in a process), the UNet continues on the plain path with one warning, for the rest of the process.
 """
 
 from __future__ import annotations
@@ -68,15 +70,22 @@ class CompiledForward:
         if self.failed is not None:
             return self.forward(module, *args)
         import torch._dynamo
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
         if self.fn is None or self.check:  # once per compiled() block: 1.2 ms for the benchmark's UNet
             weights = _fingerprint(module)
             if self.fn is None or weights != self.weights:
-                if self.weights is not None:  # the frozen constants are stale: drop dynamo's cache of this code
-                    torch._dynamo.reset()
+                if self.weights is not None:  # the frozen constants are stale: drop what was compiled from them
+                    _drop_small_weights(module)
+                    if hasattr(torch._dynamo, "reset_code"):  # this function's compiled code only
+                        torch._dynamo.reset_code(self.forward.__code__)
+                    else:
+                        torch._dynamo.reset()
                     self.shapes.clear()
-                self.fn = torch.compile(self.forward, dynamic=False)
+                # fullgraph: a graph break or dynamo's recompile limit raises into the fallback below
+                # instead of running eagerly unannounced
+                self.fn = torch.compile(self.forward, dynamic=False, fullgraph=True)
                 self.weights = weights
             self.check = False
         shape = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a is None for a in args)
@@ -84,21 +93,22 @@ class CompiledForward:
         start = time.perf_counter()
         Conv2d.small_as_linear = True
         try:
-            if new:  # one eager pass stores the small convolutions' product weights, frozen as constants below
+            if new:  # one eager pass stores missing small-convolution product weights, frozen as constants below
                 Conv2d.build_small = True
                 try:
                     self.forward(module, *args)
                 finally:
                     Conv2d.build_small = False
-            with inductor_config.patch(freezing=True):
+            limit = {"fail_on_recompile_limit_hit": True} if hasattr(dynamo_config, "fail_on_recompile_limit_hit") else {}
+            with inductor_config.patch(freezing=True), dynamo_config.patch(**limit):
                 out = self.fn(module, *args)
         except Exception as err:  # noqa: BLE001 - compilation may fail in many ways; the plain path decides
             Conv2d.small_as_linear = False
             out = self.forward(module, *args)  # a real error of the inputs raises here, as without compile
             text = str(err).strip()
             self.failed = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-            warnings.warn(f"torch.compile of the UNet failed ({self.failed}); sampling continues without it",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"torch.compile of the UNet failed ({self.failed}); sampling continues without it "
+                          "(for this UNet, for the rest of the process)", RuntimeWarning, stacklevel=2)
             return out
         finally:
             Conv2d.small_as_linear = False
@@ -106,6 +116,14 @@ class CompiledForward:
             self.shapes.add(shape)
             self.seconds += time.perf_counter() - start
         return out
+
+
+def _drop_small_weights(module: nn.Module) -> None:
+    """Remove the product weights :class:`Conv2d` derived for compiling (rebuilt from the current weights)."""
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            for name in [n for n in m._buffers if n.startswith("small_")]:
+                del m._buffers[name]
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its CompiledForward
@@ -129,6 +147,7 @@ def compiled(module: nn.Module, forward: Callable[..., Any]) -> Iterator[Compile
         module._compiling = previous
 
 
-def compiled_state(module: nn.Module) -> CompiledForward:
-    """The :class:`CompiledForward` that :func:`compiled` made for ``module``."""
-    return _STATES[module]
+def compiled_state(module: nn.Module) -> CompiledForward | None:
+    """The :class:`CompiledForward` that :func:`compiled` made for ``module`` (None for a module it has not
+    seen, such as a copy taken inside the block)."""
+    return _STATES.get(module)

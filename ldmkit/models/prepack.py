@@ -102,7 +102,7 @@ class Conv2d(Packable, nn.Conv2d):
             dtype = compute_dtype("cpu", x.dtype)
             if dtype in _dtypes() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
                 return self._packed_forward(x.to(dtype), add)
-        if Conv2d.small_as_linear and self._small_input(x):
+        if Conv2d.small_as_linear and not torch.is_grad_enabled() and self._small_input(x):
             y = self._small_as_linear(x)
         else:
             y = super().forward(x)
@@ -131,7 +131,7 @@ class Conv2d(Packable, nn.Conv2d):
         of their time on the padding there (a 3x3 kernel over 2 x 2 positions touches 4 of its 9 taps)."""
         n, c, h, w = x.shape
         name = f"small_weight_{h}x{w}"
-        if Conv2d.build_small:
+        if Conv2d.build_small and name not in self._buffers:  # kept: dynamo guards the frozen buffers by identity
             weight, bias = (t.detach().contiguous() if t is not None else None for t in self._small_weights(h, w))
             self.register_buffer(name, weight, persistent=False)
             self.register_buffer(f"small_bias_{h}x{w}", bias, persistent=False)
@@ -139,6 +139,7 @@ class Conv2d(Packable, nn.Conv2d):
             weight, bias = self._buffers[name], self._buffers[f"small_bias_{h}x{w}"]
         else:
             weight, bias = self._small_weights(h, w)
+        bias = None if bias is None else bias.to(x.dtype)
         return F.linear(x.reshape(n, c * h * w), weight.to(x.dtype), bias).view(n, self.out_channels, h, w)
 
     def _packed_forward(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:

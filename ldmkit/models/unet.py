@@ -166,12 +166,14 @@ class UNet(Packable, nn.Module):
         channels: torch.Tensor | None = None,
         vector: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self._compiling and not torch.is_grad_enabled():
-            return compiled_state(self)(x, t, context, context_mask, channels, vector)
-        return self._forward(x, t, context, context_mask, channels, vector)
+        args = (x, t, context, context_mask, channels, vector)
+        state = compiled_state(self) if self._compiling and not torch.is_grad_enabled() else None
+        return state(*args) if state is not None else self._forward(*args)
 
-    def _forward(self, x, t, context, context_mask, channels, vector) -> torch.Tensor:  # noqa: ANN001
+    def _forward(self, *args: torch.Tensor | None) -> torch.Tensor:
         """The forward pass, arguments as :meth:`forward`'s (which runs it, compiled inside :meth:`compiled`)."""
+        x, t, context, context_mask, channels, vector = args
+        assert x is not None and t is not None
         if x.shape[-1] % self.min_size_multiple or x.shape[-2] % self.min_size_multiple:
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} must be a multiple of {self.min_size_multiple} "
