@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/unet_flops.py [--model zoo:shapes-class] [--batch 128] [--train-batch 32]
        [--latent 8] [--threads 2] [--repeats 7] [--peak-batch 32] [--peak-channels 256] [--peak-size 32]
+       [--no-compile]
 
 1. FLOPs, counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; it counts the
    matrix products, convolutions and attention — with formulas added here for the CPU attention
@@ -15,7 +16,8 @@ Usage: python benchmarks/unet_flops.py [--model zoo:shapes-class] [--batch 128] 
 2. Times, medians of ``--repeats`` runs with ``torch.set_num_threads(--threads)``: the forward under
    ``torch.inference_mode`` in float32 and under bfloat16 autocast (as ``sample(precision="bf16")``
    runs it), both also prepacked (``sample(prepack=True)``'s UNet, rated on the plain forward's FLOPs),
-   and the forward + backward in float32. Achieved GFLOP/s = counted FLOPs / time.
+   the float32 forward compiled (``sample(compile=True)``'s UNet, compiled at the warm-up, also rated on
+   the plain forward's FLOPs; ``--no-compile`` leaves it out), and the forward + backward in float32. Achieved GFLOP/s = counted FLOPs / time.
 3. The peak: ``torch.nn.functional.conv2d`` on a large, well-shaped problem (input
    (``--peak-batch``, C, S, S), weight (C, C, 3, 3), padding 1; default C = 256, S = 32), float32 and
    bfloat16 tensors, under ``inference_mode``, same threads; GFLOP/s = 2·N·C·S²·C·9 / time. The UNet's
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--peak-batch", type=int, default=32)
     p.add_argument("--peak-channels", type=int, default=256)
     p.add_argument("--peak-size", type=int, default=32)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out the compiled forward (its compile takes tens of seconds)")
     args = p.parse_args()
     for name in ("batch", "train_batch", "latent", "threads", "repeats", "peak_batch", "peak_channels", "peak_size"):
         if getattr(args, name) < 1:
@@ -166,6 +170,10 @@ def main() -> None:
     packing.enter_context(packed_unet.prepacked())
     forward_fp32, forward_bf16 = forward(unet, False), forward(unet, True)
     forward_fp32_prepack, forward_bf16_prepack = forward(packed_unet, False), forward(packed_unet, True)
+    compiled = None
+    if args.compile:  # sample(..., compile=True)'s UNet: compiled at the first (warm-up) call, kept after
+        compiled_unet = copy.deepcopy(unet)
+        compiled = packing.enter_context(compiled_unet.compiled())
 
     def train_fp32() -> None:
         unet.train()
@@ -186,13 +194,15 @@ def main() -> None:
     rows = {"forward_fp32": forward_fp32, "forward_bf16": forward_bf16, "forward_fp32_prepack": forward_fp32_prepack,
             "forward_bf16_prepack": forward_bf16_prepack, "train_fp32": train_fp32,
             "conv_fp32": conv_fp32, "conv_bf16": conv_bf16}
+    if compiled is not None:
+        rows["forward_fp32_compiled"] = forward(compiled_unet, False)
     flops: dict[str, int] = {}
     breakdown: dict[str, dict[str, int]] = {}
     for name in ("forward_fp32", "forward_bf16", "train_fp32"):
         flops[name], breakdown[name] = count(rows[name])
     # the prepacked UNet is the same network: its rate is counted on the plain forward's FLOPs (with one context
     # token it skips the queries' work, which this count then includes: a rate for the network, not the kernels)
-    flops["forward_fp32_prepack"] = flops["forward_bf16_prepack"] = flops["forward_fp32"]
+    flops["forward_fp32_prepack"] = flops["forward_bf16_prepack"] = flops["forward_fp32_compiled"] = flops["forward_fp32"]
     conv_formula = 2 * n * c * s * s * c * 9
     flops["conv_fp32"] = flops["conv_bf16"] = conv_formula
     counted_conv, _ = count(conv_fp32)
@@ -214,6 +224,8 @@ def main() -> None:
             rows[name]()
             times[name].append(time.perf_counter() - t0)
     packing.close()
+    if compiled is not None and compiled.failed:
+        raise SystemExit(f"torch.compile failed: {compiled.failed}")
     med = {k: statistics.median(v) for k, v in times.items()}
     gflops = {k: flops[k] / med[k] / 1e9 for k in rows}
     fraction = {
@@ -223,6 +235,8 @@ def main() -> None:
         "forward_bf16_prepack": gflops["forward_bf16_prepack"] / gflops["conv_bf16"],
         "train_fp32": gflops["train_fp32"] / gflops["conv_fp32"],
     }
+    if compiled is not None:
+        fraction["forward_fp32_compiled"] = gflops["forward_fp32_compiled"] / gflops["conv_fp32"]
     for k in rows:
         extra = f"  {fraction[k]:.1%} of the {k.split('_')[1]} conv peak" if k in fraction else ""
         print(f"{k:<21} {med[k] * 1000:9.2f} ms  {gflops[k]:8.1f} GFLOP/s{extra}")
@@ -238,6 +252,7 @@ def main() -> None:
         "time_ms": {k: round(v * 1000, 3) for k, v in med.items()},
         "gflops_per_s": {k: round(v, 2) for k, v in gflops.items()},
         "fraction_of_peak": {k: round(v, 4) for k, v in fraction.items()},
+        "compile_s": round(compiled.seconds, 1) if compiled is not None else None,
     }))
 
 
